@@ -1,0 +1,28 @@
+"""edkm: train-time weight clustering (differentiable k-means) with the eDKM memory techniques.
+
+Library use::
+
+    import edkm
+    edkm.prepare(model, edkm.DKMConfig(bits=4))   # layers now train through DKM
+    ...your training loop...
+    edkm.finalize(model)                           # hard LUT + uint8 indices
+"""
+
+from edkm.config import DKMConfig
+from edkm.functional import dkm, kmeans_init
+from edkm.model import centroid_drift, clustered_layers, finalize, prepare
+from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear
+
+__all__ = [
+    "DKMConfig",
+    "DKMWeight",
+    "LUTEmbedding",
+    "LUTLinear",
+    "centroid_drift",
+    "clustered_layers",
+    "dkm",
+    "finalize",
+    "kmeans_init",
+    "prepare",
+]
+__version__ = "0.1.0"

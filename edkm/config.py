@@ -1,0 +1,135 @@
+"""Configuration for weight clustering: one frozen, validated dataclass.
+
+`DKMConfig` says which layers are clustered and how. Validation happens at construction
+and every error message carries the bad value. `to_dict` / `from_dict` round-trip through
+plain Python types (YAML, JSON, checkpoints); unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+BACKENDS = ("auto", "torch", "triton")
+
+# Module names matched against include/exclude glob patterns (fnmatch). By default the
+# embeddings and the LM head are left out: they are not nn.Linear inside the decoder and
+# clustering them costs a lot of accuracy for little memory in small models.
+DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*")
+
+
+@dataclass(frozen=True)
+class DKMConfig:
+    """How to cluster weights with differentiable k-means.
+
+    Args:
+        bits: LUT size is ``2**bits`` centroids, 1..8.
+        cluster_dim: Length of the vectors that are clustered together (1 = scalar LUT).
+            Must divide each selected layer's input features.
+        granularity: ``"per_tensor"`` (one LUT per weight) or ``"per_grouped_channel"``
+            (one LUT per block of ``group_size`` output channels).
+        group_size: Output channels per LUT when grouped; must divide each selected
+            layer's output features.
+        tau: Softmax temperature of the soft assignment ``softmax(-||w - c||^2 / tau)``.
+        max_iters: k-means iterations unrolled per forward (gradients flow through all).
+        eps: Stop the iterations early once no centroid moves more than ``eps``; 0 runs
+            exactly ``max_iters``.
+        uniquify: Compute on the table of distinct weight values (exact, no (N, K) map)
+            instead of the naive per-weight (N, K) autograd graph.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        include: Glob patterns of module names to cluster (``("*",)`` = all nn.Linear).
+        exclude: Glob patterns of module names never clustered.
+        include_embeddings: Also cluster the embeddings and the LM head (overrides the
+            default exclusion of ``lm_head`` and ``*embed_tokens*``).
+        min_weight_numel: Layers with fewer weights than this are left alone.
+        init_iters: Lloyd iterations of the one-off k-means that initialises centroids.
+        seed: Seed of the k-means++ initialisation.
+    """
+
+    bits: int = 4
+    cluster_dim: int = 1
+    granularity: str = "per_tensor"
+    group_size: int = 16
+    tau: float = 1e-4
+    max_iters: int = 3
+    eps: float = 0.0
+    uniquify: bool = True
+    backend: str = "auto"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    include_embeddings: bool = False
+    min_weight_numel: int = 1024
+    init_iters: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Lists from YAML become tuples so the config stays hashable and frozen.
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        _check_int("bits", self.bits, 1, 8)
+        _check_int("cluster_dim", self.cluster_dim, 1, 64)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        _check_int("group_size", self.group_size, 1, None)
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        _check_int("max_iters", self.max_iters, 1, 1000)
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if not isinstance(self.uniquify, bool):
+            raise ValueError(f"uniquify must be a bool, got {self.uniquify!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        _check_int("min_weight_numel", self.min_weight_numel, 0, None)
+        _check_int("init_iters", self.init_iters, 0, 10_000)
+        _check_int("seed", self.seed, 0, None)
+        for pattern in self.include + self.exclude:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"include/exclude patterns must be non-empty strings, got {pattern!r}")
+
+    @property
+    def n_clusters(self) -> int:
+        """Number of centroids per LUT, ``2**bits``."""
+        return 2**self.bits
+
+    def selects(self, name: str) -> bool:
+        """Whether the module called ``name`` is chosen by include/exclude patterns."""
+        exclude = self.exclude if self.include_embeddings else self.exclude + DEFAULT_EXCLUDE
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (tuples become lists) for YAML/JSON/checkpoints."""
+        out = dataclasses.asdict(self)
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DKMConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DKMConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "DKMConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: Any, lo: int | None, hi: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+

@@ -1,0 +1,111 @@
+"""Model-level API: `prepare` a model for clustered training, `finalize` it to LUTs.
+
+`prepare` registers a `DKMWeight` parametrization on every selected ``nn.Linear`` (and,
+with ``include_embeddings``, ``nn.Embedding`` and the LM head); `finalize` replaces each
+of those modules by a `LUTLinear` / `LUTEmbedding` whose weight is the hard
+nearest-centroid assignment. Tied weights (an LM head sharing the embedding matrix) get
+one shared parametrization, so they stay tied and are clustered once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from edkm.config import DKMConfig
+from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear, nearest, to_points
+
+log = logging.getLogger(__name__)
+
+
+def prepare(model: nn.Module, config: DKMConfig) -> nn.Module:
+    """Make every selected layer of ``model`` train through DKM (in place).
+
+    Args:
+        model: Any module; ``nn.Linear`` (and with ``config.include_embeddings``
+            ``nn.Embedding``) submodules whose names match the config are clustered.
+        config: Clustering settings.
+    Returns:
+        The same model. Raises ``ValueError`` if nothing was selected or a layer's
+        shape does not fit the config (the message names the layer).
+    """
+    kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
+    by_weight: dict[int, DKMWeight] = {}
+    chosen = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, kinds) or not config.selects(name):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"layer {name!r} is already parametrized; prepare() was called twice?")
+        weight = module.weight
+        if weight.numel() < config.min_weight_numel:
+            log.debug("skip %s: %d weights < min_weight_numel=%d", name, weight.numel(), config.min_weight_numel)
+            continue
+        param = by_weight.get(id(weight))
+        if param is None:
+            try:
+                param = DKMWeight(weight, config)
+            except ValueError as err:
+                raise ValueError(f"cannot cluster layer {name!r}: {err}") from err
+            by_weight[id(weight)] = param
+        parametrize.register_parametrization(module, "weight", param, unsafe=True)
+        chosen += 1
+    if chosen == 0:
+        raise ValueError(f"no layer matched include={config.include} exclude={config.exclude}")
+    log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
+    return model
+
+
+def clustered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMWeight]]:
+    """Yield ``(name, module, parametrization)`` for every layer that `prepare` touched."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, DKMWeight):
+                    yield name, module, p
+
+
+def centroid_drift(model: nn.Module) -> float:
+    """Mean over layers of the largest centroid move at the last training step."""
+    drifts = [p.drift.item() for _, _, p in clustered_layers(model)]
+    return sum(drifts) / len(drifts) if drifts else 0.0
+
+
+@torch.no_grad()
+def finalize(model: nn.Module) -> nn.Module:
+    """Replace clustered layers by LUT layers (hard nearest-centroid weights), in place.
+
+    Returns:
+        The same model; each clustered layer becomes `LUTLinear` / `LUTEmbedding` with a
+        LUT in the weight's dtype and uint8 indices.
+    """
+    done: dict[int, nn.Module] = {}
+    for name, module, param in list(clustered_layers(model)):
+        original = module.parametrizations.weight.original
+        key = id(param)
+        if key not in done:
+            points = to_points(original, param.groups, param.config.cluster_dim)
+            idx = nearest(points, param.centroids).reshape(original.shape[0], -1)
+            lut = param.centroids.to(original.dtype)
+            if isinstance(module, nn.Embedding):
+                done[key] = LUTEmbedding(lut, idx, tuple(original.shape), module.padding_idx)
+            else:
+                bias = module.bias
+                done[key] = LUTLinear(lut, idx, bias, tuple(original.shape))
+        new = done[key]
+        if isinstance(module, nn.Linear) and isinstance(new, LUTEmbedding):
+            # LM head tied to the embedding: same LUT and indices, linear forward.
+            new = LUTLinear(new.lut, new.indices, module.bias, tuple(original.shape))
+            new.lut, new.indices = done[key].lut, done[key].indices
+        _set_submodule(model, name, new)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,145 @@
+"""Layers: the DKM weight parametrization (training) and the LUT layers (finalized).
+
+`DKMWeight` is a `torch.nn.utils.parametrize` parametrization: the layer keeps its dense
+weight as the trainable parameter (``parametrizations.weight.original``), and every
+access to ``layer.weight`` returns the soft-clustered weight in training mode and the
+hard nearest-centroid weight in eval mode. Centroids are a buffer, warm-started from the
+previous step. `state_dict`, optimizers and `.to()` keep working as for any parametrized
+module.
+
+Weight layout: a (out, in) weight with cluster_dim d is viewed as out * in / d points of
+dimension d (consecutive input features form a vector). Per-tensor LUTs use one group;
+``per_grouped_channel`` makes one group per ``group_size`` output channels:
+
+    weight (out, in) -> points (G, out / G * in / d, d)      G = 1 or out / group_size
+
+`LUTLinear` / `LUTEmbedding` hold what `edkm.finalize` leaves: a LUT (G, K, d) in the
+weight's dtype and uint8 indices (out, in / d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edkm.config import DKMConfig
+from edkm.functional import dkm, kmeans_init
+from edkm.functional.naive import sq_dist
+
+
+def weight_groups(out_features: int, in_features: int, config: DKMConfig) -> int:
+    """Number of LUT groups for a weight; raises ``ValueError`` on shapes that don't fit."""
+    d = config.cluster_dim
+    if in_features % d:
+        raise ValueError(f"cluster_dim={d} does not divide the weight's {in_features} input features")
+    if config.granularity == "per_tensor":
+        return 1
+    if out_features % config.group_size:
+        raise ValueError(
+            f"group_size={config.group_size} does not divide the weight's {out_features} output channels"
+        )
+    return out_features // config.group_size
+
+
+def to_points(weight: Tensor, groups: int, d: int) -> Tensor:
+    """(out, in) weight -> (G, out / G * in / d, d) points (a view when contiguous)."""
+    return weight.reshape(groups, -1, d)
+
+
+def nearest(points: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """Index of the nearest centroid for every point, (G, N) int64, streamed in chunks."""
+    G, N, _ = points.shape
+    out = torch.empty(G, N, dtype=torch.int64, device=points.device)
+    for s in range(0, N, chunk):
+        x = points[:, s : s + chunk].to(centroids.dtype)
+        out[:, s : s + chunk] = sq_dist(x, centroids).argmin(-1)
+    return out
+
+
+class DKMWeight(nn.Module):
+    """Parametrization that soft-clusters a (out, in) weight with DKM.
+
+    Args:
+        weight: The initial weight; its k-means gives the step-0 centroids.
+        config: The clustering settings.
+    """
+
+    def __init__(self, weight: Tensor, config: DKMConfig) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"DKMWeight clusters 2-D weights, got shape {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf; cannot cluster it")
+        self.config = config
+        self.groups = weight_groups(weight.shape[0], weight.shape[1], config)
+        points = to_points(weight.detach(), self.groups, config.cluster_dim)
+        c0 = kmeans_init(points, config.n_clusters, iters=config.init_iters, seed=config.seed)
+        self.register_buffer("centroids", c0.float())  # (G, K, d), warm start
+        self.register_buffer("drift", torch.zeros(()))  # max centroid move at the last step
+
+    def forward(self, weight: Tensor) -> Tensor:
+        points = to_points(weight, self.groups, self.config.cluster_dim)
+        c = self.centroids
+        if not self.training:
+            idx = nearest(points, c)
+            hard = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
+            return hard.to(weight.dtype).reshape(weight.shape)
+        cfg = self.config
+        soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps, uniquify=cfg.uniquify)
+        with torch.no_grad():
+            self.drift.copy_((new_c - c).norm(dim=-1).max())
+            self.centroids.copy_(new_c)
+        return soft.reshape(weight.shape)
+
+    def extra_repr(self) -> str:
+        G, K, d = self.centroids.shape
+        return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}"
+
+
+class _LUTMixin:
+    """Shared LUT storage: buffers ``lut`` (G, K, d) and ``indices`` (out, in / d) uint8."""
+
+    def _init_lut(self, lut: Tensor, indices: Tensor, shape: tuple[int, int]) -> None:
+        if lut.shape[1] > 256:
+            raise ValueError(f"uint8 indices hold at most 256 centroids, got {lut.shape[1]}")
+        self.register_buffer("lut", lut)
+        self.register_buffer("indices", indices.to(torch.uint8))
+        self.weight_shape = shape
+
+    def dense_weight(self) -> Tensor:
+        """The (out, in) weight decoded from LUT and indices."""
+        G, K, d = self.lut.shape
+        idx = self.indices.reshape(G, -1).long()  # (G, N)
+        w = torch.gather(self.lut, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # (G, N, d)
+        return w.reshape(self.weight_shape)
+
+
+class LUTLinear(_LUTMixin, nn.Module):
+    """A finalized linear layer: ``y = x W^T + b`` with W decoded from a LUT."""
+
+    def __init__(self, lut: Tensor, indices: Tensor, bias: Tensor | None, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self._init_lut(lut, indices, shape)
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        G, K, d = self.lut.shape
+        return f"in={self.in_features}, out={self.out_features}, groups={G}, clusters={K}, cluster_dim={d}"
+
+
+class LUTEmbedding(_LUTMixin, nn.Module):
+    """A finalized embedding table decoded from a LUT."""
+
+    def __init__(self, lut: Tensor, indices: Tensor, shape: tuple[int, int], padding_idx: int | None) -> None:
+        super().__init__()
+        self._init_lut(lut, indices, shape)
+        self.num_embeddings, self.embedding_dim = shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.dense_weight(), self.padding_idx)

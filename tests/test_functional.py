@@ -1,0 +1,209 @@
+"""Functional DKM: the table path against the naive (N, K) autograd spec.
+
+References run the naive path in fp64 on the same values. Tolerance rule (STYLE.md): the
+table path's error against the fp64 reference may be at most twice the naive path's own
+error in the same input dtype, plus a small atol. In fp64 both paths must agree to ~1e-10
+(this is the test of the backward trap in DESIGN section 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edkm.functional import dkm, kmeans_init
+from edkm.functional.naive import dkm_iterations
+
+TAU = 1e-4
+ATOL = 1e-5  # normwise, relative to max |reference|
+
+
+def _data(n, d, groups, dtype, distinct=None, seed=0):
+    """Weights with many repeated values (bf16-representable), upstream grad, centroids."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, d) if groups is None else (groups, n, d)
+    w = torch.randn(shape, generator=gen) * 0.02
+    if distinct is not None:
+        w = torch.linspace(-0.03, 0.03, distinct)[torch.randint(0, distinct, shape, generator=gen)]
+    w = w.to(torch.bfloat16).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    pts = w if groups is not None else w.unsqueeze(0)
+    c0 = kmeans_init(pts, 8, iters=5)
+    return w, g, c0 if groups is not None else c0[0]
+
+
+def _run(w, g, c0, uniquify, **kw):
+    x = w.clone().requires_grad_(True)
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    out, c = dkm(x, c0.to(cdt), tau=kw.get("tau", TAU), max_iters=kw.get("max_iters", 3), eps=kw.get("eps", 0.0), uniquify=uniquify)
+    out.backward(g)
+    return {"out": out.detach().double(), "centroids": c.double(), "grad": x.grad.double()}
+
+
+def _err(a, ref):
+    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _worst(a, ref):
+    i = (a - ref).abs().argmax().item()
+    return f"worst flat index {i}: got {a.flatten()[i].item():.6g}, want {ref.flatten()[i].item():.6g}"
+
+
+CASES = [
+    # (n, d, groups, dtype, distinct)
+    (1001, 1, None, torch.bfloat16, None),  # bit-pattern path, odd N
+    (1001, 1, None, torch.float16, None),
+    (1001, 1, None, torch.float32, None),  # torch.unique path
+    (513, 3, None, torch.bfloat16, None),  # d > 1
+    (513, 2, None, torch.float32, None),
+    (700, 1, 3, torch.bfloat16, None),  # grouped LUTs
+    (333, 2, 4, torch.float16, None),
+    (999, 1, None, torch.bfloat16, 3),  # fewer distinct values than K = 8
+    (257, 2, 2, torch.float32, 5),
+]
+
+
+@pytest.mark.parametrize("n,d,groups,dtype,distinct", CASES)
+def test_table_matches_naive_within_rule(n, d, groups, dtype, distinct):
+    w, g, c0 = _data(n, d, groups, dtype, distinct)
+    ref = _run(w.double(), g.double(), c0, uniquify=False)
+    naive = _run(w, g, c0, uniquify=False)
+    table = _run(w, g, c0, uniquify=True)
+    for key in ("out", "centroids", "grad"):
+        e_t, e_n = _err(table[key], ref[key]), _err(naive[key], ref[key])
+        assert e_t <= 2 * e_n + ATOL, f"{key}: table err {e_t:.3g} vs naive err {e_n:.3g}; {_worst(table[key], ref[key])}"
+
+
+@pytest.mark.parametrize("n,d,groups,dtype,distinct", CASES)
+def test_table_equals_naive_in_fp64(n, d, groups, dtype, distinct):
+    w, g, c0 = _data(n, d, groups, dtype, distinct)
+    ref = _run(w.double(), g.double(), c0, uniquify=False)
+    table = _run(w.double(), g.double(), c0, uniquify=True)
+    for key in ("out", "centroids", "grad"):
+        assert _err(table[key], ref[key]) < 1e-10, f"{key}: {_worst(table[key], ref[key])}"
+
+
+def test_gradient_is_per_element_not_averaged():
+    # Two equal weights with different upstream gradients must get different gradients
+    # (the "average over equal values" mistake gives them the same one).
+    w = torch.tensor([[0.01], [0.01], [0.02], [-0.01], [0.0]], dtype=torch.float64)
+    g = torch.tensor([[1.0], [-3.0], [0.5], [2.0], [1.0]], dtype=torch.float64)
+    c0 = torch.tensor([[-0.012], [0.004], [0.018]], dtype=torch.float64)
+    ref = _run(w, g, c0, uniquify=False, tau=1e-4)
+    table = _run(w, g, c0, uniquify=True, tau=1e-4)
+    assert not torch.allclose(ref["grad"][0], ref["grad"][1])
+    torch.testing.assert_close(table["grad"], ref["grad"], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("uniquify", [False, True])
+def test_gradcheck_against_finite_differences(uniquify):
+    # A smooth temperature so finite differences are meaningful; fp64 throughout.
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(12, 2, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    w.data[3] = w.data[7]  # a repeated value
+    c0 = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    fn = lambda x: dkm(x, c0, tau=0.7, max_iters=3, uniquify=uniquify)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (w,), eps=1e-6, atol=1e-6)
+
+
+def test_naive_matches_hand_computation():
+    # One iteration on 3 points, 2 centroids, written out by hand.
+    x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    c0 = torch.tensor([[0.5], [2.5]], dtype=torch.float64)
+    tau = 2.0
+    a = torch.tensor([[math.exp(-((xi - c) ** 2) / tau) for c in (0.5, 2.5)] for xi in (0.0, 1.0, 3.0)], dtype=torch.float64)
+    a = a / a.sum(1, keepdim=True)
+    c1 = (a.T @ x) / a.sum(0).unsqueeze(1)
+    out, c = dkm(x, c0, tau=tau, max_iters=1, uniquify=False)
+    torch.testing.assert_close(c, c1)
+    torch.testing.assert_close(out, a @ c1)
+
+
+@pytest.mark.parametrize("uniquify", [False, True])
+def test_eps_stops_early_and_zero_runs_all(uniquify):
+    w, g, c0 = _data(301, 1, None, torch.float32)
+    _, c_one = dkm(w, c0, tau=TAU, max_iters=1, uniquify=uniquify)
+    _, c_eps = dkm(w, c0, tau=TAU, max_iters=5, eps=1e9, uniquify=uniquify)
+    _, c_all = dkm(w, c0, tau=TAU, max_iters=5, eps=0.0, uniquify=uniquify)
+    torch.testing.assert_close(c_eps, c_one)
+    x = w.unsqueeze(0).float()
+    _, _, _, iters = dkm_iterations(x, None, c0.unsqueeze(0), TAU, 5, 0.0)
+    assert iters == 5
+    assert c_all.shape == c0.shape
+
+
+def test_centroids_get_no_gradient_and_output_dtype():
+    w, g, c0 = _data(200, 1, None, torch.bfloat16)
+    c = c0.clone().requires_grad_(True)
+    out, new_c = dkm(w.clone().requires_grad_(True), c, tau=TAU, max_iters=2)
+    assert out.dtype == torch.bfloat16 and out.shape == w.shape
+    assert not new_c.requires_grad
+    out.float().sum().backward()
+    assert c.grad is None
+
+
+@pytest.mark.parametrize("uniquify", [False, True])
+def test_bad_inputs_name_the_value(uniquify):
+    c0 = torch.zeros(4, 1)
+    with pytest.raises(ValueError, match="nan|NaN|non-finite"):
+        dkm(torch.tensor([[0.1], [float("nan")]]), c0, tau=TAU, max_iters=1, uniquify=uniquify)
+    with pytest.raises(ValueError, match="empty"):
+        dkm(torch.zeros(0, 1), c0, tau=TAU, max_iters=1, uniquify=uniquify)
+    with pytest.raises(ValueError, match="tau.*-1"):
+        dkm(torch.zeros(3, 1), c0, tau=-1.0, max_iters=1, uniquify=uniquify)
+    with pytest.raises(ValueError, match="max_iters.*0"):
+        dkm(torch.zeros(3, 1), c0, tau=TAU, max_iters=0, uniquify=uniquify)
+    with pytest.raises(ValueError, match=r"\(4, 2\)"):
+        dkm(torch.zeros(3, 1), torch.zeros(4, 2), tau=TAU, max_iters=1, uniquify=uniquify)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    k=st.integers(1, 9),
+    d=st.integers(1, 2),
+    distinct=st.integers(1, 40),
+    iters=st.integers(1, 4),
+    log_tau=st.floats(-5, 0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_table_equals_naive_fp64(n, k, d, distinct, iters, log_tau, seed):
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.randn(distinct, d, generator=gen, dtype=torch.float64) * 0.05
+    w = vals[torch.randint(0, distinct, (n,), generator=gen)]
+    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    c0 = torch.randn(k, d, generator=gen, dtype=torch.float64) * 0.05
+    kw = {"tau": 10.0**log_tau, "max_iters": iters}
+    ref = _run(w, g, c0, uniquify=False, **kw)
+    table = _run(w, g, c0, uniquify=True, **kw)
+    for key in ("out", "centroids", "grad"):
+        assert _err(table[key], ref[key]) < 1e-9, f"{key}: {_worst(table[key], ref[key])}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 2000), k=st.sampled_from([2, 8, 16]), seed=st.integers(0, 2**16), half=st.booleans())
+def test_property_bit_pattern_path_within_rule(n, k, seed, half):
+    dtype = torch.float16 if half else torch.bfloat16
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, 1, generator=gen) * 0.02).to(dtype)
+    g = torch.randn(n, 1, generator=gen).to(dtype)
+    c0 = kmeans_init(w.unsqueeze(0), k, iters=3)[0]
+    ref = _run(w.double(), g.double(), c0, uniquify=False)
+    naive = _run(w, g, c0, uniquify=False)
+    table = _run(w, g, c0, uniquify=True)
+    for key in ("out", "grad"):
+        e_t, e_n = _err(table[key], ref[key]), _err(naive[key], ref[key])
+        assert e_t <= 2 * e_n + ATOL, f"{key}: table {e_t:.3g} naive {e_n:.3g}; {_worst(table[key], ref[key])}"
+
+
+def test_kmeans_init_fills_lut_and_is_deterministic():
+    w = torch.tensor([[0.1], [0.1], [0.2]])
+    c = kmeans_init(w.unsqueeze(0), 4)
+    assert c.shape == (1, 4, 1)
+    assert sorted({round(v, 6) for v in c.flatten().tolist()}) == [0.1, 0.2]
+    x = torch.randn(1, 500, 2)
+    torch.testing.assert_close(kmeans_init(x, 8, seed=3), kmeans_init(x, 8, seed=3))
