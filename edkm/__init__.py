@@ -9,9 +9,11 @@ Library use::
 """
 
 from edkm.config import DKMConfig
+from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
 from edkm.model import centroid_drift, clustered_layers, finalize, prepare
 from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear
+from edkm.offload import OffloadStats, offload_saved_tensors
 
 __all__ = [
     "DKMConfig",
@@ -21,8 +23,12 @@ __all__ = [
     "centroid_drift",
     "clustered_layers",
     "dkm",
+    "export_compressed",
     "finalize",
     "kmeans_init",
+    "load_compressed",
+    "offload_saved_tensors",
+    "OffloadStats",
     "prepare",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 BACKENDS = ("auto", "torch", "triton")
+CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
 
 # Module names matched against include/exclude glob patterns (fnmatch). By default the
 # embeddings and the LM head are left out: they are not nn.Linear inside the decoder and
@@ -41,6 +42,9 @@ class DKMConfig:
         uniquify: Compute on the table of distinct weight values (exact, no (N, K) map)
             instead of the naive per-weight (N, K) autograd graph.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        cluster_dtype: ``"weight"`` clusters the weight in its own dtype; ``"bfloat16"`` /
+            ``"float16"`` cluster a 16-bit cast of fp32 master weights (gradients flow
+            back through the cast), which gives uniquification its 65,536-value bound.
         include: Glob patterns of module names to cluster (``("*",)`` = all nn.Linear).
         exclude: Glob patterns of module names never clustered.
         include_embeddings: Also cluster the embeddings and the LM head (overrides the
@@ -59,6 +63,7 @@ class DKMConfig:
     eps: float = 0.0
     uniquify: bool = True
     backend: str = "auto"
+    cluster_dtype: str = "weight"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     include_embeddings: bool = False
@@ -87,6 +92,8 @@ class DKMConfig:
             raise ValueError(f"uniquify must be a bool, got {self.uniquify!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.cluster_dtype not in CLUSTER_DTYPES:
+            raise ValueError(f"cluster_dtype must be one of {CLUSTER_DTYPES}, got {self.cluster_dtype!r}")
         _check_int("min_weight_numel", self.min_weight_numel, 0, None)
         _check_int("init_iters", self.init_iters, 0, 10_000)
         _check_int("seed", self.seed, 0, None)

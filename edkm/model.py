@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
-from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear, nearest, to_points
+from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear, nearest
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def finalize(model: nn.Module) -> nn.Module:
         original = module.parametrizations.weight.original
         key = id(param)
         if key not in done:
-            points = to_points(original, param.groups, param.config.cluster_dim)
+            points = param.points(original)
             idx = nearest(points, param.centroids).reshape(original.shape[0], -1)
             lut = param.centroids.to(original.dtype)
             if isinstance(module, nn.Embedding):

@@ -73,24 +73,31 @@ class DKMWeight(nn.Module):
             raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf; cannot cluster it")
         self.config = config
         self.groups = weight_groups(weight.shape[0], weight.shape[1], config)
-        points = to_points(weight.detach(), self.groups, config.cluster_dim)
+        points = self.points(weight.detach())
         c0 = kmeans_init(points, config.n_clusters, iters=config.init_iters, seed=config.seed)
         self.register_buffer("centroids", c0.float())  # (G, K, d), warm start
         self.register_buffer("drift", torch.zeros(()))  # max centroid move at the last step
 
+    def points(self, weight: Tensor) -> Tensor:
+        """The (G, N, d) points clustered for ``weight`` (cast to ``cluster_dtype``)."""
+        if self.config.cluster_dtype != "weight":
+            weight = weight.to(getattr(torch, self.config.cluster_dtype))
+        return to_points(weight, self.groups, self.config.cluster_dim)
+
     def forward(self, weight: Tensor) -> Tensor:
-        points = to_points(weight, self.groups, self.config.cluster_dim)
-        c = self.centroids
+        cfg, c = self.config, self.centroids
+        points = self.points(weight)
         if not self.training:
             idx = nearest(points, c)
             hard = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
             return hard.to(weight.dtype).reshape(weight.shape)
-        cfg = self.config
-        soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps, uniquify=cfg.uniquify)
+        soft, new_c = dkm(
+            points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps, uniquify=cfg.uniquify, backend=cfg.backend
+        )
         with torch.no_grad():
             self.drift.copy_((new_c - c).norm(dim=-1).max())
             self.centroids.copy_(new_c)
-        return soft.reshape(weight.shape)
+        return soft.reshape(weight.shape).to(weight.dtype)
 
     def extra_repr(self) -> str:
         G, K, d = self.centroids.shape

@@ -55,7 +55,9 @@ def _worst(a, ref):
 
 CASES = [
     # (n, d, groups, dtype, distinct)
-    (1001, 1, None, torch.bfloat16, None),  # bit-pattern path, odd N
+    (1001, 1, None, torch.bfloat16, None),  # bit-pattern path (sorted keys), odd N
+    (20001, 1, None, torch.bfloat16, None),  # bit-pattern path (dense histogram)
+    (16500, 1, 2, torch.float16, None),  # dense histogram, grouped
     (1001, 1, None, torch.float16, None),
     (1001, 1, None, torch.float32, None),  # torch.unique path
     (513, 3, None, torch.bfloat16, None),  # d > 1

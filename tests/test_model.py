@@ -53,8 +53,9 @@ def train(model, steps=8, lr=1e-3):
         CFG.replace(bits=3, granularity="per_grouped_channel", group_size=8),
         CFG.replace(cluster_dim=2, bits=3),
         CFG.replace(uniquify=False),
+        CFG.replace(cluster_dtype="bfloat16"),
     ],
-    ids=["4bit-tensor", "3bit-grouped", "vector-d2", "naive"],
+    ids=["4bit-tensor", "3bit-grouped", "vector-d2", "naive", "bf16-cluster-of-fp32"],
 )
 def test_prepare_train_finalize_tiny_llama(config):
     model = tiny()

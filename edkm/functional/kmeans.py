@@ -1,9 +1,9 @@
 """One-off hard k-means that initialises the centroids of a LUT.
 
-Runs on the table of distinct values (weighted by counts), so its cost does not grow
-with N beyond one histogram. d = 1 starts from weighted quantiles (the K equal-mass bins
-of the value distribution), d > 1 from weighted k-means++; both then run Lloyd steps.
-Deterministic for a given seed.
+Runs on the table of distinct values (weighted by counts), batched over all LUT groups,
+so its cost does not grow with N beyond one histogram. d = 1 starts from weighted
+quantiles (the centres of K equal-mass bins of the value distribution), d > 1 from
+weighted k-means++; both then run Lloyd steps. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -24,51 +24,62 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tenso
         iters: Lloyd iterations after the seeding.
         seed: Seed of the k-means++ sampling (d > 1).
     Returns:
-        (G, k, d) centroids in the math dtype (fp32; fp64 for fp64 points). With fewer than k distinct values in a group, the
-        distinct values are repeated to fill the LUT.
+        (G, k, d) centroids in the math dtype (fp32; fp64 for fp64 points). A group with
+        fewer than k distinct values gets those values, repeated to fill the LUT.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     with torch.no_grad():
         table = build_table(points.detach())
+        v, n = table.values, table.counts  # (G, U, d), (G, U); padding rows have n = 0
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        out = []
-        for g in range(points.shape[0]):
-            present = table.counts[g] > 0
-            v, n = table.values[g][present], table.counts[g][present]  # (U, d), (U,)
-            c = _seed(v, n, k, gen)
-            for _ in range(iters):
-                c = _lloyd_step(v, n, c)
-            out.append(c)
-        return torch.stack(out)
+        c = _quantile_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, n, k, gen)
+        for _ in range(iters):
+            c = _lloyd_step(v, n, c)
+        distinct = (n > 0).sum(1)  # (G,)
+        for g in (distinct < k).nonzero().flatten().tolist():
+            present = v[g][n[g] > 0]  # every distinct value becomes a centroid
+            c[g] = present[torch.arange(k, device=v.device) % present.shape[0]]
+        return c
 
 
-def _seed(v: Tensor, n: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Initial centroids (k, d) from distinct values v (U, d) with counts n (U,)."""
-    u, d = v.shape
-    if u <= k:
-        return v[torch.arange(k, device=v.device) % u].clone()
-    if d == 1:
-        order = torch.argsort(v[:, 0])
-        mass = torch.cumsum(n[order], 0) / n.sum()  # (U,) cumulative share
-        targets = (torch.arange(k, device=v.device, dtype=mass.dtype) + 0.5) / k
-        idx = torch.searchsorted(mass, targets).clamp_max(u - 1)
-        return v[order[idx]].clone()
-    first = torch.multinomial(n.cpu(), 1, generator=gen).to(v.device)
-    chosen = [v[first[0]]]
-    dist = sq_dist(v.unsqueeze(0), chosen[0].view(1, 1, d))[0, :, 0]  # (U,)
+def _quantile_seed(v: Tensor, n: Tensor, k: int) -> Tensor:
+    """(G, k, 1): values at the centres of k equal-mass bins of each group."""
+    order = torch.argsort(v[..., 0], dim=1)  # (G, U)
+    mass = torch.cumsum(torch.gather(n, 1, order), 1)
+    mass = mass / mass[:, -1:].clamp_min(1e-30)  # (G, U) cumulative share
+    targets = ((torch.arange(k, device=v.device, dtype=mass.dtype) + 0.5) / k).expand(v.shape[0], k)
+    pos = torch.searchsorted(mass.contiguous(), targets.contiguous()).clamp_max(v.shape[1] - 1)  # (G, k)
+    return torch.gather(v[..., 0], 1, torch.gather(order, 1, pos)).unsqueeze(-1).clone()
+
+
+def _kmeanspp_seed(v: Tensor, n: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """(G, k, d) weighted k-means++ seeds, sampled for all groups at once."""
+    G, U, d = v.shape
+    rows = torch.arange(G, device=v.device)
+
+    def pick(weights: Tensor) -> Tensor:
+        w = torch.where(weights.sum(1, keepdim=True) > 0, weights, n)  # all-zero rows: by count
+        return torch.multinomial(w.cpu().double(), 1, generator=gen).squeeze(1).to(v.device)
+
+    chosen = [v[rows, pick(n)]]  # (G, d)
+    dist = sq_dist(v, chosen[0].unsqueeze(1))[..., 0]  # (G, U)
     for _ in range(1, k):
-        w = (n * dist).cpu()
-        pick = torch.multinomial(w, 1, generator=gen) if w.sum() > 0 else torch.tensor([0])
-        chosen.append(v[pick.to(v.device)[0]])
-        dist = torch.minimum(dist, sq_dist(v.unsqueeze(0), chosen[-1].view(1, 1, d))[0, :, 0])
-    return torch.stack(chosen)
+        chosen.append(v[rows, pick(n * dist)])
+        dist = torch.minimum(dist, sq_dist(v, chosen[-1].unsqueeze(1))[..., 0])
+    return torch.stack(chosen, 1)
 
 
 def _lloyd_step(v: Tensor, n: Tensor, c: Tensor) -> Tensor:
-    """One weighted Lloyd step; an empty cluster keeps its centroid."""
-    assign = sq_dist(v.unsqueeze(0), c.unsqueeze(0))[0].argmin(-1)  # (U,)
-    k, d = c.shape
-    mass = torch.zeros(k, dtype=v.dtype, device=v.device).index_add_(0, assign, n)
-    num = torch.zeros(k, d, dtype=v.dtype, device=v.device).index_add_(0, assign, v * n.unsqueeze(1))
-    return torch.where(mass.unsqueeze(1) > 0, num / mass.clamp_min(1e-30).unsqueeze(1), c)
+    """One weighted Lloyd step for all groups; an empty cluster keeps its centroid."""
+    G, k, d = c.shape
+    if d == 1:  # nearest of sorted centroids = bucket between midpoints: O(U log k), no (G, U, k)
+        cs, order = torch.sort(c[..., 0], dim=1)
+        mids = ((cs[:, 1:] + cs[:, :-1]) / 2).contiguous()  # (G, k - 1)
+        assign = torch.gather(order, 1, torch.searchsorted(mids, v[..., 0].contiguous()))  # (G, U)
+    else:
+        assign = sq_dist(v, c).argmin(-1)  # (G, U)
+    mass = torch.zeros(G, k, dtype=v.dtype, device=v.device).scatter_add_(1, assign, n)
+    num = torch.zeros(G, k, d, dtype=v.dtype, device=v.device)
+    num.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), v * n.unsqueeze(-1))
+    return torch.where(mass.unsqueeze(-1) > 0, num / mass.clamp_min(1e-30).unsqueeze(-1), c)

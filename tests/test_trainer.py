@@ -1,0 +1,157 @@
+"""Trainer, CLI, checkpoints (kill -9 and resume), export/reload, on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import edkm
+from edkm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from edkm.export import export_compressed, load_compressed, pack_codes, unpack_codes
+from edkm.train_config import TrainConfig, load_config
+from edkm.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edkm", "--quiet", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_train_tiny_end_to_end_and_reload(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "optim.max_steps=6", "run.save_every=3"])
+    result = train(cfg)
+    assert result.steps == 6 and result.ppl_after < result.ppl_before, (result.ppl_before, result.ppl_after)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert {"loss", "tokens_per_s", "peak_mem_bytes", "centroid_drift", "lr", "tau"} <= set(rows[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["sizes"]["file"] < summary["sizes"]["fp16"]
+    model = load_compressed(result.export_path)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(ids).logits).all()
+    out = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, 9)
+
+
+def test_export_reload_logits_equal_finalized(tmp_path):
+    from edkm.models import tiny_llama
+
+    model = tiny_llama(vocab_size=256, hidden=64, layers=2)
+    edkm.prepare(model, edkm.DKMConfig(bits=3, granularity="per_grouped_channel", group_size=16,
+                                       include_embeddings=True, min_weight_numel=0))
+    edkm.finalize(model.eval())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    exact = tmp_path / "exact.edkm.safetensors"
+    sizes = export_compressed(model, exact, lut_dtype=None, dense_dtype=None)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(exact)(ids).logits, want, rtol=0, atol=0)
+    half = tmp_path / "half.edkm.safetensors"
+    sizes = export_compressed(model, half)
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(half)(ids).logits, want, rtol=2e-2, atol=2e-2)
+    uniq = {id(m.indices): m.indices for m in model.modules() if isinstance(m, (edkm.LUTLinear, edkm.LUTEmbedding))}
+    assert sizes["codes"] == sum((t.numel() * 3 + 7) // 8 for t in uniq.values())  # tied head stored once
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 7, 1001])
+def test_pack_unpack_roundtrip(bits, n):
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(bits * n))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, bits, n), codes.to(torch.uint8))
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match=r"\[0, 8\]"):
+        pack_codes(torch.tensor([0, 8]), 3)
+
+
+def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
+    common = ["train", "--config", str(TINY), "--max-steps", "10", "run.save_every=2", "run.export=false"]
+    ref = _cli(*common, "--output-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "edkm", "--quiet", *common, "--output-dir", str(run)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(run) if (run / "latest").exists() else None
+        if ckpt is not None and int(ckpt.name.split("-")[1]) >= 4:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed; make the run longer")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(run).name.split("-")[1])
+    assert 4 <= killed_at < 10
+    res = _cli(*common, "--output-dir", str(run), "--resume")
+    assert res.returncode == 0, res.stderr
+    got, _ = load_checkpoint(latest_checkpoint(run))
+    want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
+    assert got["step"] == want["step"] == 10
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), f"{key} differs after kill -9 + resume"
+    ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    got_rows = (run / "metrics.jsonl").read_text().splitlines()
+    losses = lambda rows: {json.loads(r)["step"]: json.loads(r)["loss"] for r in rows}  # noqa: E731
+    assert losses(got_rows) == losses(ref_rows)
+
+
+def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.save_every=1",
+                             "run.export=false"])
+    train(cfg)
+    state = latest_checkpoint(tmp_path) / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train(cfg, resume=True)
+    res = _cli("train", "--config", str(TINY), "--output-dir", str(tmp_path), "--resume", "--max-steps", "2")
+    assert res.returncode == 2 and "corrupt or truncated" in res.stderr and str(state) in res.stderr
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(load_config(TINY, [f"run.output_dir={tmp_path / 'empty'}"]), resume=True)
+
+
+def test_config_errors_name_key_and_value(tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        load_config(TINY, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="bogus"):
+        TrainConfig.from_dict({"bogus": {}})
+    with pytest.raises(ValueError, match="bits must be in \\[1, 8\\], got 9"):
+        load_config(TINY, ["dkm.bits=9"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(TINY, ["bits=3"])
+    cfg = load_config(TINY)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    for name in ("smollm2-135m-4bit", "smollm2-135m-3bit", "llama-7b-3bit"):
+        load_config(ROOT / "configs" / f"{name}.yaml")
+    res = _cli("train", "--config", str(TINY), "dkm.bits=0")
+    assert res.returncode == 2 and "got 0" in res.stderr
+
+
+def test_cli_export_and_eval(tmp_path):
+    res = _cli("train", "--config", str(TINY), "--output-dir", str(tmp_path), "--max-steps", "2",
+               "run.export=false")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "m.edkm.safetensors"
+    res = _cli("export", "--checkpoint", str(tmp_path), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "smaller" in res.stdout
+    res = _cli("eval", "--model", str(out), "--config", str(TINY))
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["heldout_tokens"] > 0 and 1 < row["perplexity"] < 1e4
