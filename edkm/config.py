@@ -42,6 +42,10 @@ class DKMConfig:
         uniquify: Compute on the table of distinct weight values (exact, no (N, K) map)
             instead of the naive per-weight (N, K) autograd graph.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        shard: Split the DKM work and saved state across data-parallel ranks when
+            torch.distributed is initialised (exact; no effect in one process).
+        offload: Run the clustering forward under `edkm.offload_saved_tensors` (saved
+            tensors go to CPU memory until backward).
         cluster_dtype: ``"weight"`` clusters the weight in its own dtype; ``"bfloat16"`` /
             ``"float16"`` cluster a 16-bit cast of fp32 master weights (gradients flow
             back through the cast), which gives uniquification its 65,536-value bound.
@@ -64,6 +68,8 @@ class DKMConfig:
     uniquify: bool = True
     backend: str = "auto"
     cluster_dtype: str = "weight"
+    shard: bool = False
+    offload: bool = False
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     include_embeddings: bool = False
@@ -88,8 +94,9 @@ class DKMConfig:
         _check_int("max_iters", self.max_iters, 1, 1000)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        if not isinstance(self.uniquify, bool):
-            raise ValueError(f"uniquify must be a bool, got {self.uniquify!r}")
+        for name in ("uniquify", "shard", "offload", "include_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cluster_dtype not in CLUSTER_DTYPES:

@@ -224,6 +224,9 @@ def _ensure_cache(dest: Path, marker: dict[str, Any], build: Callable[[], Loaded
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))  # written last
+        for f in tmp.iterdir():  # mkdtemp/mkstemp made these owner-only; a shared cache must stay readable
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if dest.exists():  # a stale cache of ours: move it aside, then delete it
             stale = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stale-", dir=dest.parent))
             os.replace(dest, stale / dest.name)

@@ -19,6 +19,8 @@ weight's dtype and uint8 indices (out, in / d).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from edkm.config import DKMConfig
 from edkm.functional import dkm, kmeans_init
 from edkm.functional.naive import sq_dist
+from edkm.offload import offload_saved_tensors
 
 
 def weight_groups(out_features: int, in_features: int, config: DKMConfig) -> int:
@@ -91,9 +94,9 @@ class DKMWeight(nn.Module):
             idx = nearest(points, c)
             hard = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
             return hard.to(weight.dtype).reshape(weight.shape)
-        soft, new_c = dkm(
-            points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps, uniquify=cfg.uniquify, backend=cfg.backend
-        )
+        with offload_saved_tensors() if cfg.offload else contextlib.nullcontext():
+            soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps,
+                              uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard)
         with torch.no_grad():
             self.drift.copy_((new_c - c).norm(dim=-1).max())
             self.centroids.copy_(new_c)

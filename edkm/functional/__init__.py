@@ -1,22 +1,31 @@
 """Functional differentiable k-means (DKM).
 
 `dkm` is the one entry point; `uniquify` picks the exact table path (`unique.py`) or the
-naive (N, K) autograd path (`naive.py`, the reference). `kmeans_init` gives the step-0
-centroids.
+naive (N, K) autograd path (`naive.py`, the reference). `backend` picks who runs the
+table path: torch, or the Triton kernels of `edkm.kernels` (bf16 / fp16 points with
+cluster_dim 1 only). Triton is imported only when that backend is chosen, so
+``import edkm`` works without it. `kmeans_init` gives the step-0 centroids.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from edkm.functional.kmeans import kmeans_init
 from edkm.functional.naive import dkm_naive
-from edkm.functional.unique import dkm_unique
+from edkm.functional.shard import dkm_sharded, sharding_active
+from edkm.functional.table import uses_bit_patterns
+from edkm.functional import twins
+from edkm.functional.unique import PatternOps, dkm_pattern, dkm_unique
 
-__all__ = ["dkm", "kmeans_init"]
+__all__ = ["BACKENDS", "assign_packed", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def dkm(
@@ -27,6 +36,8 @@ def dkm(
     max_iters: int,
     eps: float = 0.0,
     uniquify: bool = True,
+    backend: str = "auto",
+    shard: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Soft-cluster ``points`` with differentiable k-means.
 
@@ -42,6 +53,13 @@ def dkm(
         eps: Stop early once no centroid moves more than ``eps`` (0 = always
             ``max_iters``).
         uniquify: Table path (exact, never allocates N x K) instead of the naive one.
+        backend: Who runs the table path: ``"torch"``, ``"triton"`` (bf16 / fp16 points
+            with d = 1; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), or
+            ``"auto"`` (Triton when it applies, the points are on CUDA and triton is
+            installed; torch otherwise). See `resolve_backend`.
+        shard: With torch.distributed initialised and several ranks, each rank runs
+            DKM on its slice of the points and the centroid sums are all-reduced (exact;
+            see `edkm.functional.shard`). Ignored in a single process.
     Returns:
         ``(soft_points, new_centroids)``: soft points shaped and typed like ``points``,
         and fp32 detached centroids shaped like ``centroids``.
@@ -52,9 +70,82 @@ def dkm(
     c = centroids if grouped else centroids.unsqueeze(0)
     if not uniquify and not torch.isfinite(points).all():
         raise ValueError("DKM got non-finite weights (NaN or Inf); clean them first")
-    fn = dkm_unique if uniquify else dkm_naive
-    out, new_c = fn(p, c, float(tau), int(max_iters), float(eps))
+    if shard and sharding_active():
+        out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
+    elif resolve_backend(backend, p, uniquify) == "triton":
+        ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
+        out, new_c = dkm_pattern(p, c, float(tau), int(max_iters), float(eps), ops)
+    else:
+        fn = dkm_unique if uniquify else dkm_naive
+        out, new_c = fn(p, c, float(tau), int(max_iters), float(eps))
     return (out, new_c) if grouped else (out[0], new_c[0])
+
+
+def resolve_backend(backend: str, points: Tensor, uniquify: bool = True) -> str:
+    """``"torch"`` or ``"triton"``: who runs DKM on ``points`` (G, N, d).
+
+    ``"auto"`` picks Triton for the table path on bf16 / fp16 CUDA points with d = 1 when
+    triton is installed, torch otherwise. An explicit ``"triton"`` never falls back: it
+    raises ``ValueError`` for a case the kernels do not cover (naive path, fp32 / fp64
+    points, d > 1) and ``RuntimeError`` when triton is missing or the points are on the
+    CPU without ``TRITON_INTERPRET=1``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    covered = uniquify and uses_bit_patterns(points)
+    if backend == "auto":
+        return "triton" if covered and points.is_cuda and _triton_installed() else "torch"
+    if not uniquify:
+        raise ValueError("backend='triton' runs the uniquified table path; uniquify=False is the torch reference")
+    if not covered:
+        raise ValueError(
+            f"backend='triton' covers bf16/fp16 points with cluster_dim 1, got {points.dtype} with "
+            f"cluster_dim {points.shape[-1]}; use backend='torch' or 'auto' (or cluster_dtype='bfloat16')"
+        )
+    if not _triton_installed():
+        raise RuntimeError(
+            "backend='triton' needs the triton package (pip install triton); use backend='torch' or 'auto'"
+        )
+    if not points.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            f"backend='triton' got points on {points.device}: Triton runs CUDA tensors, or CPU tensors only under "
+            "TRITON_INTERPRET=1 (the slow interpreter, for tests); use backend='torch' or 'auto'"
+        )
+    return "triton"
+
+
+@lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def triton_ops(deterministic: bool = False) -> PatternOps:
+    """The Triton launchers of `edkm.kernels` as `PatternOps` (imports triton).
+
+    Args:
+        deterministic: Run the segment sum as its torch twin (``index_add_``, which is
+            deterministic under ``torch.use_deterministic_algorithms(True)``) instead of
+            the kernel, whose fp32 atomics can change the last bits of the gradient from
+            run to run on a GPU. Every other pass is deterministic already.
+    """
+    from edkm import kernels
+
+    return PatternOps(
+        histogram=kernels.triton_histogram,
+        table_iterate=kernels.triton_table_iterate,
+        table_rows=kernels.triton_table_rows,
+        gather_rows=kernels.triton_gather_rows,
+        segment_sum=twins.torch_segment_sum if deterministic else kernels.triton_segment_sum,
+        table_bwd=kernels.triton_table_bwd,
+        element_grad=kernels.triton_element_grad,
+    )
 
 
 def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float) -> None:
@@ -79,3 +170,34 @@ def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: f
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     if not torch.isfinite(centroids).all():
         raise ValueError("centroids contain NaN or Inf")
+
+
+def assign_packed(points: Tensor, centroids: Tensor, bits: int, backend: str = "auto") -> Tensor:
+    """Nearest centroid of every point, as densely packed ``bits``-bit codes (finalize).
+
+    Every 8 consecutive points of a group become ``bits`` bytes, least significant bits
+    first (`twins.pack_codes`; `twins.unpack_codes` inverts it); ``bits=8`` gives plain
+    uint8 indices. Ties go to the lowest centroid index, as `edkm.modules.nearest`.
+
+    Args:
+        points: (G, N, 1) weights (bf16 / fp16 for the Triton backend).
+        centroids: (G, K, 1) with K <= 2**bits.
+        bits: Code width, 1..8.
+        backend: As in `dkm`.
+    Returns:
+        (G, ceil(N / 8) * bits) uint8.
+    """
+    if points.dim() != 3 or points.shape[-1] != 1 or centroids.dim() != 3 or centroids.shape[-1] != 1:
+        raise ValueError(
+            f"assign_packed takes (G, N, 1) points and (G, K, 1) centroids (cluster_dim 1), got "
+            f"{tuple(points.shape)} and {tuple(centroids.shape)}"
+        )
+    if not (isinstance(bits, int) and 1 <= bits <= 8) or centroids.shape[1] > 2**bits:
+        raise ValueError(
+            f"assign_packed needs bits in 1..8 and K <= 2**bits, got bits={bits!r}, K={centroids.shape[1]}"
+        )
+    if resolve_backend(backend, points) == "triton":
+        from edkm import kernels
+
+        return kernels.triton_assign_pack(points[..., 0], centroids[..., 0], bits)
+    return twins.torch_assign_pack(points[..., 0], centroids[..., 0], bits)

@@ -14,8 +14,12 @@ large layers.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+Reduce = Callable[[Tensor], Tensor]
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,7 +49,7 @@ def soft_assign(x: Tensor, c: Tensor, tau: float) -> Tensor:
     return torch.softmax(sq_dist(x, c) / -tau, dim=-1)
 
 
-def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor) -> Tensor:
+def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``.
 
     A centroid that receives no mass at all (every point's softmax weight on it
@@ -54,12 +58,17 @@ def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tenso
     Args:
         x: (G, U, d) points. a: (G, U, K) assignment. weights: (G, U) counts or None.
         c_prev: (G, K, d) centroids the map was computed with.
+        reduce: Sums the (G, K, d + 1) numerator/denominator over the ranks that each
+            hold a shard of the points (`edkm.functional.shard`); None for one process.
     Returns:
         (G, K, d) new centroids.
     """
     w = a if weights is None else a * weights.unsqueeze(-1)  # (G, U, K)
     num = torch.einsum("guk,gud->gkd", w, x)  # (G, K, d)
     den = w.sum(1).unsqueeze(-1)  # (G, K, 1)
+    if reduce is not None:
+        both = reduce(torch.cat([num, den], dim=-1))  # one collective per iteration
+        num, den = both[..., :-1], both[..., -1:]
     empty = den <= 0
     return torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den))
 
@@ -72,6 +81,7 @@ def dkm_iterations(
     max_iters: int,
     eps: float,
     n_iters: int | None = None,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Run the soft k-means iterations (differentiable when ``x`` requires grad).
 
@@ -81,6 +91,7 @@ def dkm_iterations(
         tau, max_iters, eps: see `edkm.functional.dkm`.
         n_iters: run exactly this many iterations (the backward replays the forward's
             count so early stopping is decided once).
+        reduce: see `update_centroids` (sharded points).
     Returns:
         ``(a_last, c_prev, c_last, iters)``: the last map (G, U, K), the centroids it
         was computed with, the last centroids, and the number of iterations run.
@@ -89,7 +100,7 @@ def dkm_iterations(
     iters = max_iters if n_iters is None else n_iters
     for t in range(iters):
         a = soft_assign(x, c, tau)
-        c_prev, c = c, update_centroids(x, a, weights, c)
+        c_prev, c = c, update_centroids(x, a, weights, c, reduce)
         if n_iters is None and eps > 0 and t + 1 < max_iters:
             moved = (c - c_prev).detach().norm(dim=-1).max()
             if moved.item() <= eps:
@@ -97,17 +108,19 @@ def dkm_iterations(
     return a, c_prev, c, iters
 
 
-def dkm_naive(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float) -> tuple[Tensor, Tensor]:
+def dkm_naive(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float,
+              reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
     """Plain autograd DKM on all N points (the gradient reference).
 
     Args:
         points: (G, N, d) any float dtype. centroids: (G, K, d) warm start.
+        reduce: differentiable sum over ranks when ``points`` is this rank's shard.
     Returns:
         ``(soft_points, new_centroids)``: (G, N, d) in ``points.dtype`` and (G, K, d)
         detached centroids in the math dtype (fp32; fp64 for fp64 points).
     """
     x = points.to(math_dtype(points.dtype))
     c0 = centroids.detach().to(x.dtype, copy=True)  # the caller may update it in place
-    a_last, _, c_last, _ = dkm_iterations(x, None, c0, tau, max_iters, eps)
+    a_last, _, c_last, _ = dkm_iterations(x, None, c0, tau, max_iters, eps, reduce=reduce)
     out = torch.einsum("gnk,gkd->gnd", a_last, c_last)  # (G, N, d)
     return out.to(points.dtype), c_last.detach()

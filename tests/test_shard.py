@@ -1,0 +1,92 @@
+"""Sharded DKM over 2 and 3 gloo ranks on CPU equals one process, exactly (up to fp32 sums).
+
+Each rank sees the same weight and its own upstream gradient G_r. Sharding's contract:
+every rank gets the same soft weight and centroids as one process, and the ranks' weight
+gradients summed (what DDP's all-reduce does, before its 1/R) equal the one-process
+gradient for the summed upstream gradient sum_r G_r.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from edkm.functional import dkm, kmeans_init
+
+N_ODD = 1001  # divides by neither 2 nor 3
+
+
+def _case(dtype, d, groups):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(groups, N_ODD, d, generator=gen) * 0.02).to(torch.bfloat16).to(dtype)
+    c0 = kmeans_init(w, 8, iters=5)
+    return w, c0
+
+
+def _upstream(rank, shape, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
+
+
+def _worker(rank, world, init_file, dtype, d, groups, uniquify, out_path):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        w, c0 = _case(dtype, d, groups)
+        x = w.clone().requires_grad_(True)
+        out, c = dkm(x, c0, tau=1e-4, max_iters=3, uniquify=uniquify, shard=True)
+        out.backward(_upstream(rank, w.shape, dtype))
+        grad = x.grad.double()
+        dist.all_reduce(grad)  # what DDP does (before dividing by R)
+        if rank == 0:
+            torch.save({"out": out.detach(), "c": c, "grad": grad}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [  # (world, dtype, d, groups, uniquify)
+    (2, torch.bfloat16, 1, 1, True),
+    (3, torch.bfloat16, 1, 1, True),
+    (3, torch.float16, 1, 3, True),
+    (2, torch.float32, 2, 1, True),
+    (3, torch.float32, 1, 2, False),  # eDKM-faithful: the naive (N, K) maps are sharded
+    (2, torch.bfloat16, 1, 1, False),
+]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo file:// rendezvous tested on Linux")
+@pytest.mark.parametrize("world,dtype,d,groups,uniquify", CASES)
+def test_sharded_equals_single_process(world, dtype, d, groups, uniquify):
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file, out_path = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
+        mp.spawn(_worker, args=(world, init_file, dtype, d, groups, uniquify, out_path), nprocs=world, join=True)
+        got = torch.load(out_path)
+    w, c0 = _case(dtype, d, groups)
+    x = w.clone().requires_grad_(True)
+    out, c = dkm(x, c0, tau=1e-4, max_iters=3, uniquify=uniquify)
+    g = sum(_upstream(r, w.shape, torch.float64) for r in range(world))
+    out.backward(g.to(dtype))
+    # Only the fp32 summation order of the centroid sums differs from one process, so
+    # values and gradients agree to fp32 precision (normwise; 1e-5 as in
+    # test_functional), or within 2 ulps of a 16-bit output dtype (rounding flips).
+    tol = max(1e-5, 2 * _ulp(dtype))
+    for key, want in (("c", c), ("out", out.detach()), ("grad", x.grad)):
+        want = want.double()
+        err = ((got[key].double() - want).abs().max() / want.abs().max()).item()
+        assert err < tol, f"sharded {key} differs by {err:.3g} (tolerance {tol:.1e})"
+
+
+def _ulp(dtype):
+    return {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}[dtype]
+
+
+def test_shard_flag_is_ignored_in_one_process():
+    w, c0 = _case(torch.bfloat16, 1, 1)
+    a = dkm(w, c0, tau=1e-4, max_iters=3, shard=True)
+    b = dkm(w, c0, tau=1e-4, max_iters=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
