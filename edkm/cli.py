@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -74,9 +75,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"optim.max_steps={args.max_steps}")
     config = load_config(args.config, overrides)
-    bar = tqdm(total=config.optim.max_steps, desc="train", unit="step", dynamic_ncols=True)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch: rank 0 reports
+    bar = tqdm(total=config.optim.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=not main_rank)
 
     def on_step(row: dict) -> None:
+        if not main_rank:
+            return
         bar.n = row["step"]
         bar.refresh()
         bar.write(f"step {row['step']:>5} loss {row['loss']:.4f} lr {row['lr']:.2e} tau {row['tau']:.1e} "
@@ -85,6 +89,8 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(config, resume=args.resume, on_step=on_step, stop_after=args.stop_after)
     bar.close()
+    if not main_rank:
+        return 0
     if result.steps < config.optim.max_steps:
         print(f"stopped at step {result.steps}/{config.optim.max_steps}; checkpoint in {result.output_dir}")
         return 0

@@ -67,7 +67,10 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
 
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(gradient_accumulation_steps=config.optim.grad_accum, mixed_precision=config.optim.mixed_precision)
+    # cpu=True on machines without CUDA: accelerate then sets up multi-CPU (gloo) runs
+    # from torchrun / accelerate launch; without it, each CPU rank trains alone.
+    acc = Accelerator(gradient_accumulation_steps=config.optim.grad_accum, mixed_precision=config.optim.mixed_precision,
+                      cpu=not torch.cuda.is_available())
     _seed_all(config.run.seed)
     model, windows = load_model_and_windows(config)
     heldout = windows.heldout[: config.data.heldout_windows or None]

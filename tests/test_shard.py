@@ -90,3 +90,24 @@ def test_shard_flag_is_ignored_in_one_process():
     a = dkm(w, c0, tau=1e-4, max_iters=3, shard=True)
     b = dkm(w, c0, tau=1e-4, max_iters=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU tested on Linux")
+def test_trainer_under_torchrun_with_sharding(tmp_path):
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "edkm", "--quiet", "train", "--config", str(root / "configs" / "tiny.yaml"), "--max-steps", "2",
+           "dkm.shard=true", "run.export=false", f"run.output_dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("perplexity before") == 1  # rank 0 reports
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # one writer, two steps
+    assert (tmp_path / "latest").read_text().strip() == "step-000002"
