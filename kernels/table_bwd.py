@@ -12,12 +12,12 @@ same numbers by autograd replay):
     gk       = -2 * diff / tau
     jac      = (a * (gk - (a * gk).sum(K, keepdim)) * C[T]).sum(K)     # dh/dv per element
     # iteration t = T..1 maps C[t-1] -> C[t] = num / den (num = (n a v).sum(U), den = (n a).sum(U))
-    e        = where(den[t] > 0, gC[t] / den[t], 0)
+    e        = where(den[t] >= MIN_MASS, gC[t] / den[t], 0)
     a, diff  = softmax(-(v[..., None] - C[t-1])**2 / tau), v[..., None] - C[t-1]
     ga       = n[..., None] * e * (v[..., None] - C[t])                  # dL/da
     gz       = a * (ga - (a * ga).sum(K, keepdim))                      # softmax backward
     R       += n * (a * e).sum(K) - 2 / tau * (gz * diff).sum(K)
-    gC[t-1] += 2 / tau * (gz * diff).sum(U) + where(den[t] > 0, 0, gC[t])  # empty passes through
+    gC[t-1] += 2 / tau * (gz * diff).sum(U) + where(den[t] >= MIN_MASS, 0, gC[t])  # empty passes through
     shared   = R / max(n, 1)
 
 Grid (G,): one program per group walks the table in BLOCK_U tiles once for the final map
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edkm.kernels.common import _soft_assign, block_k, block_u, check_device, check_shape
+from edkm.kernels.common import MIN_MASS, _soft_assign, block_k, block_u, check_device, check_shape
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _table_bwd_kernel(
         c_prev = tl.load(c_hist_g + (t - 1) * stride_ht + ks * stride_hk, mask=k_ok, other=0.0)
         c_new = tl.load(c_hist_g + t * stride_ht + ks * stride_hk, mask=k_ok, other=0.0)
         den = tl.load(den_hist_ptr + g * stride_dg + (t - 1) * stride_dt + ks * stride_dk, mask=k_ok, other=0.0)
-        live = den > 0
+        live = den >= MIN_MASS
         e = tl.where(live, g_c / tl.where(live, den, 1.0), 0.0)  # dL/dnum; dL/dden = -e * c_new
         g_prev = tl.zeros([BLOCK_K], dtype=tl.float32)
         for u0 in range(0, U, BLOCK_U):

@@ -8,7 +8,7 @@ rows have n = 0. In torch form (twins: `edkm.functional.twins.torch_table_iterat
         a = softmax(-(v[:, :, None] - c[:, None, :])**2 / tau, dim=-1)   # (G, U, K)
         den = (n[:, :, None] * a).sum(1)                                 # (G, K)
         num = (n[:, :, None] * a * v[:, :, None]).sum(1)                 # (G, K)
-        c = torch.where(den > 0, num / den, c)          # a centroid with no mass stays
+        c = torch.where(den >= MIN_MASS, num / den, c)  # a centroid with (almost) no mass stays
         c_hist[:, t + 1], den_hist[:, t] = c, den
     h = softmax(-(v[:, :, None] - c_hist[:, T-1, None, :])**2 / tau) @ c_hist[:, T]   # _table_rows_kernel
 
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edkm.kernels.common import _soft_assign, block_k, block_u, check_device, check_shape
+from edkm.kernels.common import MIN_MASS, _soft_assign, block_k, block_u, check_device, check_shape
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _table_iterate_kernel(
             w = a * n[:, None]  # (BLOCK_U, BLOCK_K) count-weighted map
             num += tl.sum(w * v[:, None], axis=0)
             den += tl.sum(w, axis=0)
-        live = den > 0
+        live = den >= MIN_MASS
         c = tl.where(live, num / tl.where(live, den, 1.0), c)
         tl.store(c_hist_ptr + g * stride_hg + (t + 1) * stride_ht + ks * stride_hk, c, mask=k_ok)
         tl.store(den_hist_ptr + g * stride_dg + t * stride_dt + ks * stride_dk, den, mask=k_ok)

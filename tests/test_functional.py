@@ -209,3 +209,16 @@ def test_kmeans_init_fills_lut_and_is_deterministic():
     assert sorted({round(v, 6) for v in c.flatten().tolist()}) == [0.1, 0.2]
     x = torch.randn(1, 500, 2)
     torch.testing.assert_close(kmeans_init(x, 8, seed=3), kmeans_init(x, 8, seed=3))
+
+
+@pytest.mark.parametrize("uniquify", [False, True])
+def test_centroid_with_denormal_mass_gives_finite_gradients(uniquify):
+    # Centroid 2 sits 0.0095 from the weights at 0: its soft weight exp(-0.0095^2/1e-4)
+    # ~ 5e-42 is a denormal. Dividing by that mass overflowed 1/mass^2 to inf -> NaN
+    # gradients (seen on SmolLM2); such a centroid must count as empty.
+    w = torch.tensor([[0.0], [0.0], [1.0], [1.0]], requires_grad=True)
+    c0 = torch.tensor([[0.0], [1.0], [0.0975]])
+    out, c = dkm(w, c0, tau=1e-4, max_iters=3, uniquify=uniquify)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(w.grad).all() and torch.isfinite(out).all()
+    assert c[2, 0].item() == pytest.approx(0.0975)  # kept, not moved by a denormal mass

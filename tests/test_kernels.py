@@ -465,3 +465,10 @@ def test_llama_shape_on_gpu_within_rule(bits):
     ref = _run(w.double(), g.double(), c0.double(), backend="torch")
     for key in ("out", "centroids", "grad"):
         _check_rule(f"gpu {key}", triton_[key], torch_[key], ref[key])
+
+
+def test_min_mass_matches_the_torch_path():
+    from edkm.functional.naive import MIN_MASS
+    from edkm.kernels.common import MIN_MASS as KERNEL_MIN_MASS
+
+    assert float(getattr(KERNEL_MIN_MASS, "value", KERNEL_MIN_MASS)) == MIN_MASS

@@ -1,8 +1,8 @@
 """One-off hard k-means that initialises the centroids of a LUT.
 
 Runs on the table of distinct values (weighted by counts), batched over all LUT groups,
-so its cost does not grow with N beyond one histogram. d = 1 starts from weighted
-quantiles (the centres of K equal-mass bins of the value distribution), d > 1 from
+so its cost does not grow with N beyond one histogram. d = 1 starts from K evenly spaced
+values over each group's range (see `_range_seed` for why), d > 1 from
 weighted k-means++; both then run Lloyd steps. Deterministic for a given seed.
 """
 
@@ -33,7 +33,7 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tenso
         table = build_table(points.detach())
         v, n = table.values, table.counts  # (G, U, d), (G, U); padding rows have n = 0
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        c = _quantile_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, n, k, gen)
+        c = _range_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, n, k, gen)
         for _ in range(iters):
             c = _lloyd_step(v, n, c)
         distinct = (n > 0).sum(1)  # (G,)
@@ -43,14 +43,19 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tenso
         return c
 
 
-def _quantile_seed(v: Tensor, n: Tensor, k: int) -> Tensor:
-    """(G, k, 1): values at the centres of k equal-mass bins of each group."""
-    order = torch.argsort(v[..., 0], dim=1)  # (G, U)
-    mass = torch.cumsum(torch.gather(n, 1, order), 1)
-    mass = mass / mass[:, -1:].clamp_min(1e-30)  # (G, U) cumulative share
-    targets = ((torch.arange(k, device=v.device, dtype=mass.dtype) + 0.5) / k).expand(v.shape[0], k)
-    pos = torch.searchsorted(mass.contiguous(), targets.contiguous()).clamp_max(v.shape[1] - 1)  # (G, k)
-    return torch.gather(v[..., 0], 1, torch.gather(order, 1, pos)).unsqueeze(-1).clone()
+def _range_seed(v: Tensor, n: Tensor, k: int) -> Tensor:
+    """(G, k, 1): k evenly spaced values from each group's min to max.
+
+    Spanning the range keeps centroids on the outlier weights that LLMs depend on; Lloyd
+    steps then pull the inner ones to the mass. Measured on SmolLM2-135M, 4-bit LUTs per
+    16 output channels, 30 Lloyd steps, held-out perplexity (fp: 34.6) after rounding to
+    the nearest centroid: 95 with this seed, 2710 with equal-mass quantile seeds.
+    """
+    present = n > 0
+    lo = torch.where(present, v[..., 0], torch.full_like(v[..., 0], float("inf"))).min(1).values  # (G,)
+    hi = torch.where(present, v[..., 0], torch.full_like(v[..., 0], float("-inf"))).max(1).values
+    t = torch.linspace(0, 1, k, dtype=v.dtype, device=v.device)
+    return (lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * t).unsqueeze(-1)
 
 
 def _kmeanspp_seed(v: Tensor, n: Tensor, k: int, gen: torch.Generator) -> Tensor:

@@ -21,6 +21,9 @@ from torch import Tensor
 
 Reduce = Callable[[Tensor], Tensor]
 
+# Soft mass below which a centroid counts as empty (see `update_centroids`).
+MIN_MASS = 1e-6
+
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """DKM math runs in fp32, or in fp64 for fp64 inputs (used for references)."""
@@ -52,8 +55,12 @@ def soft_assign(x: Tensor, c: Tensor, tau: float) -> Tensor:
 def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None) -> Tensor:
     """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``.
 
-    A centroid that receives no mass at all (every point's softmax weight on it
-    underflowed to 0) keeps its previous value instead of becoming 0/0.
+    A centroid whose soft mass ``sum_i n_i a_ik`` is below `MIN_MASS` (a millionth of
+    one weight: every weight sits near another centroid and tau is small) keeps its
+    previous value and passes no gradient. Dividing by such a mass gives 0/0 at exact 0,
+    and at tiny positive masses (denormals, as exp(-D/tau) underflows) a backward of
+    1/mass^2 that overflows fp32 to inf and then NaN: seen training SmolLM2 with
+    16-row LUT groups, where range-seeded centroids sit in gaps between weights.
 
     Args:
         x: (G, U, d) points. a: (G, U, K) assignment. weights: (G, U) counts or None.
@@ -69,7 +76,7 @@ def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tenso
     if reduce is not None:
         both = reduce(torch.cat([num, den], dim=-1))  # one collective per iteration
         num, den = both[..., :-1], both[..., -1:]
-    empty = den <= 0
+    empty = den < MIN_MASS
     return torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den))
 
 
