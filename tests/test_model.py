@@ -187,3 +187,45 @@ def test_shape_and_weight_errors_name_layer_and_value():
         edkm.prepare(model, CFG)
     with pytest.raises(ValueError, match="already parametrized"):
         edkm.prepare(edkm.prepare(tiny(), CFG), CFG)
+
+
+def test_offload_option_gives_bitwise_equal_gradients():
+    grads = []
+    for offload in (False, True):
+        model = tiny()
+        edkm.prepare(model, CFG.replace(bits=3, offload=offload))
+        model.train()
+        model(batch(), labels=batch()).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.slow
+def test_smollm2_prepare_train_finalize():
+    from edkm.models import load_smollm2
+
+    model, tok = load_smollm2()
+    edkm.prepare(model, edkm.DKMConfig(bits=4, cluster_dtype="bfloat16"))
+    names = [n for n, _, _ in edkm.clustered_layers(model)]
+    assert len(names) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
+    ids = tok("In the beginning God created the heaven and the earth. And the earth was without form",
+              return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    losses = []
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    edkm.finalize(model)
+    assert sum(isinstance(m, LUTLinear) for m in model.modules()) == 210
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
