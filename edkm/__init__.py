@@ -11,6 +11,7 @@ Library use::
 from edkm.config import DKMConfig
 from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
+from edkm.lowrank import LowRankConfig, LowRankLinear, lowrank_model
 from edkm.model import centroid_drift, clustered_layers, finalize, prepare
 from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear
 from edkm.offload import OffloadStats, offload_saved_tensors
@@ -20,6 +21,8 @@ __all__ = [
     "DKMWeight",
     "LUTEmbedding",
     "LUTLinear",
+    "LowRankConfig",
+    "LowRankLinear",
     "centroid_drift",
     "clustered_layers",
     "dkm",
@@ -27,6 +30,7 @@ __all__ = [
     "finalize",
     "kmeans_init",
     "load_compressed",
+    "lowrank_model",
     "offload_saved_tensors",
     "OffloadStats",
     "prepare",

@@ -88,10 +88,10 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
                 "bits": bits, "groups": G, "clusters": K, "cluster_dim": d}
         if isinstance(m, LUTEmbedding):
             info["padding_idx"] = m.padding_idx
-        sizes["fp16"] += 2 * m.weight_shape[0] * m.weight_shape[1]
         if id(m.indices) in seen:
             info["tied_to"] = seen[id(m.indices)]
         else:
+            sizes["fp16"] += 2 * m.weight_shape[0] * m.weight_shape[1]
             seen[id(m.indices)] = name
             tensors[f"{name}.codes"] = pack_codes(m.indices, bits)
             tensors[f"{name}.lut"] = m.lut.to(lut_dtype or m.lut.dtype).contiguous()
@@ -100,13 +100,20 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
         if getattr(m, "bias", None) is not None:
             tensors[f"{name}.bias"] = _dense(m.bias.detach(), dense_dtype)
         layers[name] = info
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple[int, int], str] = {}
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner in lut_layers or key in tensors or _aliases_lut(model, key, lut_layers):
             continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if ident in by_storage:  # tied weights (lm_head = embed_tokens): store once
+            aliases[key] = by_storage[ident]
+            continue
+        by_storage[ident] = key
         tensors[key] = _dense(t, dense_dtype)
         sizes["fp16"] += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
-    meta = {"format": FORMAT, "model_config": model.config.to_dict(), "layers": layers}
+    meta = {"format": FORMAT, "model_config": model.config.to_dict(), "layers": layers, "aliases": aliases}
     save_file(tensors, str(path), metadata={"edkm": json.dumps(meta)})
     sizes["file"] = Path(path).stat().st_size
     return sizes
@@ -156,9 +163,15 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         setattr(model.get_submodule(parent) if parent else model, child, new)
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
             if not k.endswith((".codes", ".lut")) and k.rpartition(".")[0] not in meta["layers"]}
+    for key, src in meta.get("aliases", {}).items():
+        rest[key] = rest[src]
     missing, unexpected = model.load_state_dict(rest, strict=False)
     lut_keys = {k for k in model.state_dict() if k.rpartition(".")[0] in meta["layers"]}
     missing = [k for k in missing if k not in lut_keys and not k.endswith("rotary_emb.inv_freq")]
+    for key, src in meta.get("aliases", {}).items():  # tie again, as in the exported model
+        owner, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_submodule(src.rpartition(".")[0]).get_parameter(
+            src.rpartition(".")[2]))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     return model.eval()
