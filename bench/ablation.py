@@ -145,11 +145,39 @@ def run_case(name: str, size: int, ranks: int, repeats: int) -> dict:
 
 
 def _coremltools_row(size: int, repeats: int) -> dict:
-    try:
-        from bench.speed import coremltools_case  # optional peer, shares the speed bench's setup
-    except ImportError as err:
-        return {"error": f"coremltools peer unavailable: {err}"}
-    return coremltools_case(size=size, bits=BITS, repeats=repeats)
+    """coremltools' DKMPalettizer on the same four weights, counted by the same tracker."""
+    from bench.speed import coreml_case
+    from edkm import kmeans_init, offload_saved_tensors
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = argparse.Namespace(bits=BITS, iters=ITERS, tau=TAU, size=size)
+    ws, gs = _weights(size, device)
+    forwards = []
+    for w in ws:
+        c0 = kmeans_init(w.detach().view(1, -1, 1), 2**BITS)[0].float()
+        case, forward = coreml_case(w.detach(), gs[0], c0, args)
+        if forward is None:
+            return {"error": case.skip}
+        forwards.append(forward)
+    row: dict = {}
+
+    def step(record: bool) -> None:
+        with offload_saved_tensors(min_bytes=1 << 62) as stats:  # count only, move nothing
+            outs = [f() for f in forwards]
+        if record:
+            row.update(device_bytes=stats.to_dict()["bytes_held"].get(str(device) if device.type == "cpu"
+                                                                      else f"cuda:{device.index or 0}", 0),
+                       host_bytes=0)
+        torch.autograd.backward(outs, gs)
+
+    row.update(peak_memory(lambda: step(True), device))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step(False)
+        times.append(time.perf_counter() - t0)
+    row["seconds"] = sorted(times)[len(times) // 2]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, help="Override the matrix side (default 4096, or 1024 with --small).")
     p.add_argument("--ranks", type=int, default=2, help="Data-parallel ranks for the sharding rows (gloo on CPU).")
     p.add_argument("--repeats", type=int, default=3, help="Timed forward+backward repeats per row (median).")
-    p.add_argument("--rows", default=",".join(ROWS), help="Comma-separated rows to run.")
+    p.add_argument("--rows", default=",".join([*ROWS, "coremltools"]), help="Comma-separated rows to run.")
     p.add_argument("--out", help="Write the rows as JSON (a list) to this file.")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args(argv)
