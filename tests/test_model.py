@@ -229,3 +229,19 @@ def test_smollm2_prepare_train_finalize():
     assert sum(isinstance(m, LUTLinear) for m in model.modules()) == 210
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+
+
+def test_hf_trainer_trains_a_prepared_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny()
+    edkm.prepare(model, CFG)
+    ids = torch.randint(0, 128, (16, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, save_strategy="no",
+                             report_to=[], use_cpu=True, learning_rate=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "original" in n)
+    edkm.finalize(model.eval())
+    assert sum(isinstance(m, LUTLinear) for m in model.modules()) == len(decoder_linears(tiny()))
