@@ -3,6 +3,7 @@
     edkm train  --config configs/NAME.yaml [--output-dir DIR] [--max-steps N] [--resume] [k=v ...]
     edkm eval   --model PATH          perplexity on the held-out split
     edkm export --checkpoint DIR --out FILE
+    edkm lowrank --config configs/NAME.yaml --out DIR   (LoRD; train then clusters DIR)
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="Tokenizer source for exports: 'smollm2', 'bytes', or an HF directory.")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides for the data section.")
     e.set_defaults(func=_eval)
+
+    lr = sub.add_parser("lowrank", help="LoRD: decompose a model's linear layers into low-rank factors and save it.")
+    lr.add_argument("--config", required=True, help="YAML config with model, data and lowrank sections.")
+    lr.add_argument("--out", required=True, help="Output directory; `edkm train ... model.source=DIR` clusters it.")
+    lr.add_argument("--calib-windows", type=int, default=16, help="Training windows used as calibration data.")
+    lr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. lowrank.rank_reduction=0.25")
+    lr.set_defaults(func=_lowrank)
 
     x = sub.add_parser("export", help="Write packed LUT indices + LUTs of a training checkpoint.")
     x.add_argument("--checkpoint", required=True, help="Run directory or one of its step-* checkpoint directories.")
@@ -134,6 +142,29 @@ def _eval(args: argparse.Namespace) -> int:
     with torch.no_grad():
         ppl = perplexity(model, windows.heldout)
     print(json.dumps({"model": src, "perplexity": ppl, "heldout_tokens": windows.heldout.numel()}))
+    return 0
+
+
+def _lowrank(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from edkm.lowrank import lowrank_model
+    from edkm.lowrank.persist import save_lowrank
+    from edkm.train_config import load_config
+    from edkm.trainer_data import load_model_and_windows
+
+    config = load_config(args.config, args.overrides)
+    if config.lowrank is None:
+        raise ValueError(f"{args.config} has no 'lowrank' section; add one or pass lowrank.rank_reduction=0.25")
+    if args.calib_windows < 1:
+        raise ValueError(f"--calib-windows must be >= 1, got {args.calib_windows}")
+    model, windows = load_model_and_windows(config)
+    calib = windows.train[: args.calib_windows]
+    batches = [calib[i : i + config.optim.batch_size] for i in range(0, calib.shape[0], config.optim.batch_size)]
+    report = lowrank_model(model, batches, config.lowrank)
+    print(report.summary())
+    out = save_lowrank(model, dataclasses.asdict(config.model), args.out)
+    print(f"wrote {out}; cluster it with: edkm train --config {args.config} model.source={out}")
     return 0
 
 

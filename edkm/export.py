@@ -113,7 +113,10 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
         by_storage[ident] = key
         tensors[key] = _dense(t, dense_dtype)
         sizes["fp16"] += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
-    meta = {"format": FORMAT, "model_config": model.config.to_dict(), "layers": layers, "aliases": aliases}
+    from edkm.lowrank.persist import lowrank_units
+
+    meta = {"format": FORMAT, "model_config": model.config.to_dict(), "layers": layers, "aliases": aliases,
+            "lowrank_units": lowrank_units(model)}
     save_file(tensors, str(path), metadata={"edkm": json.dumps(meta)})
     sizes["file"] = Path(path).stat().st_size
     return sizes
@@ -144,6 +147,9 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     tensors = load_file(str(path))
     cfg = dict(meta["model_config"])
     model = LlamaForCausalLM(LlamaConfig.from_dict(cfg)).to(dtype)
+    from edkm.lowrank.persist import apply_structure
+
+    apply_structure(model, meta.get("lowrank_units", []))  # LoRD factors, before their LUTs go in
     built: dict[str, nn.Module] = {}
     for name, info in meta["layers"].items():
         src = info.get("tied_to", name)

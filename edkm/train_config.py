@@ -6,6 +6,7 @@
       dkm:   DKMConfig       clustering (edkm.config)
       optim: OptimConfig     AdamW, schedule, accumulation, autocast, tau schedule
       run:   RunConfig       output dir, checkpoint/log cadence, seed, export
+      lowrank: LowRankConfig or None   what `edkm lowrank` decomposes (edkm.lowrank)
 
 Unknown keys anywhere are errors that name the key; validation errors carry the value.
 """
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from edkm.config import DKMConfig
+from edkm.lowrank.config import LowRankConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -159,11 +161,14 @@ class TrainConfig:
     dkm: DKMConfig = field(default_factory=DKMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lowrank: LowRankConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""
-        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("dkm", "lowrank")}
         out["dkm"] = self.dkm.to_dict()
+        out["lowrank"] = None if self.lowrank is None else self.lowrank.to_dict()
         return out
 
     @classmethod
@@ -176,10 +181,12 @@ class TrainConfig:
         built = {}
         for name, value in data.items():
             section_cls = _SECTION_TYPES[name]
+            if name == "lowrank" and value is None:
+                continue
             if not isinstance(value, Mapping):
                 raise ValueError(f"config section {name!r} must be a mapping, got {value!r}")
-            if section_cls is DKMConfig:
-                built[name] = DKMConfig.from_dict(value)
+            if section_cls in (DKMConfig, LowRankConfig):
+                built[name] = section_cls.from_dict(value)
                 continue
             known = {f.name for f in dataclasses.fields(section_cls)}
             bad = sorted(set(value) - known)
@@ -189,7 +196,8 @@ class TrainConfig:
         return cls(**built)
 
 
-_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "dkm": DKMConfig, "optim": OptimConfig, "run": RunConfig}
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "dkm": DKMConfig, "optim": OptimConfig, "run": RunConfig,
+                  "lowrank": LowRankConfig}
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -209,13 +217,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = {k: dict(v or {}) for k, v in loaded.items()}
+        data = {k: (dict(v) if v is not None or k != "lowrank" else None) for k, v in loaded.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. dkm.bits=3)")
-        data.setdefault(section, {})[name] = yaml.safe_load(raw)
+        if data.get(section) is None:
+            data[section] = {}
+        data[section][name] = yaml.safe_load(raw)
     return TrainConfig.from_dict(data)
 
 

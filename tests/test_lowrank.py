@@ -429,3 +429,22 @@ def test_bench_smoke_run_on_tiny_model(tmp_path):
     assert all(math.isfinite(r["ppl"]) for r in rows if "ppl" in r)
     assert all(r["model"] == "tiny" and "git_commit" in r for r in rows)
     assert "== sweep ==" in proc.stdout and "== dkm ==" in proc.stdout
+
+
+def test_lord_then_dkm_export_reload_is_exact(tmp_path):
+    import edkm
+    from edkm.models import tiny_llama
+
+    model = tiny_llama(vocab_size=256, hidden=64, layers=2)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    lowrank_model(model, [ids], LowRankConfig(rank_reduction=0.25))
+    edkm.prepare(model, edkm.DKMConfig(bits=4, min_weight_numel=0))
+    edkm.finalize(model.eval())
+    with torch.no_grad():
+        want = model(ids).logits
+    path = tmp_path / "m.edkm.safetensors"
+    edkm.export_compressed(model, path, lut_dtype=None, dense_dtype=None)
+    got = edkm.load_compressed(path)
+    assert sum(isinstance(m, LowRankLinear) for m in got.modules()) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want, rtol=0, atol=0)

@@ -155,3 +155,19 @@ def test_cli_export_and_eval(tmp_path):
     assert res.returncode == 0, res.stderr
     row = json.loads(res.stdout.strip().splitlines()[-1])
     assert row["heldout_tokens"] > 0 and 1 < row["perplexity"] < 1e4
+
+
+def test_cli_lowrank_then_train_clusters_the_factors(tmp_path):
+    out = tmp_path / "lord"
+    res = _cli("lowrank", "--config", str(TINY), "--out", str(out), "--calib-windows", "4",
+               "lowrank.rank_reduction=0.25")
+    assert res.returncode == 0, res.stderr
+    assert "removed" in res.stdout and (out / "lowrank.json").is_file()
+    run = tmp_path / "run"
+    res = _cli("train", "--config", str(TINY), "--max-steps", "2", f"model.source={out}", f"run.output_dir={run}")
+    assert res.returncode == 0, res.stderr
+    model = load_compressed(run / "model.edkm.safetensors")
+    names = [n for n, m in model.named_modules() if isinstance(m, edkm.LUTLinear)]
+    assert any(n.endswith(".down") for n in names) and any(n.endswith(".up") for n in names)
+    res = _cli("lowrank", "--config", str(TINY), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "no 'lowrank' section" in res.stderr
