@@ -125,6 +125,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
+    """Delete all but the ``keep`` highest steps (by number: names grow past 6 digits),
+    never the one ``latest`` names."""
+    ckpts = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    pointer = root / LATEST
+    current = pointer.read_text().strip() if pointer.exists() else None
     for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)

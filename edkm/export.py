@@ -107,10 +107,11 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
         if owner in lut_layers or key in tensors or _aliases_lut(model, key, lut_layers):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if ident in by_storage:  # tied weights (lm_head = embed_tokens): store once
+        if t.numel() and ident in by_storage:  # tied weights (lm_head = embed_tokens): store once
             aliases[key] = by_storage[ident]
             continue
-        by_storage[ident] = key
+        if t.numel():
+            by_storage[ident] = key
         tensors[key] = _dense(t, dense_dtype)
         sizes["fp16"] += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
     from edkm.lowrank.persist import lowrank_units

@@ -225,7 +225,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. dkm.bits=3)")
         if data.get(section) is None:
             data[section] = {}
-        data[section][name] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
+        data[section][name] = value
     return TrainConfig.from_dict(data)
 
 

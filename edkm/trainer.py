@@ -80,7 +80,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (no 'latest' file); start without --resume")
         state, manifest = load_checkpoint(ckpt)
-        _check_same_config(manifest["meta"]["config"], config)
+        _check_same_config(manifest["meta"], config, acc.num_processes)
         ppl_before = manifest["meta"]["ppl_before"]
         log.info("resuming from %s (step %d)", ckpt, manifest["step"])
     else:
@@ -100,8 +100,10 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
         _set_rng(state["rng"])
     model, opt = acc.prepare(model, opt)
     metrics_path = out / "metrics.jsonl"
-    if not resume and acc.is_main_process:
-        metrics_path.write_text("")
+    if acc.is_main_process:  # fresh run: empty; resume: drop rows logged after the checkpoint
+        kept = [] if not resume or not metrics_path.exists() else [
+            line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
     order = _order(windows.train.shape[0], config.run.seed)
     bs, world = config.optim.batch_size, acc.num_processes
     metrics: list[dict[str, Any]] = []
@@ -144,7 +146,8 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
             save_checkpoint(out, step, {
                 "model": acc.unwrap_model(model).state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": step, "micro": micro, "rng": _get_rng(),
-            }, meta={"config": config.to_dict(), "ppl_before": ppl_before}, keep=config.run.keep_checkpoints)
+            }, meta={"config": config.to_dict(), "ppl_before": ppl_before, "world_size": world},
+                keep=config.run.keep_checkpoints)
         acc.wait_for_everyone()
         if last and step < config.optim.max_steps:
             return TrainResult(ppl_before, float("nan"), step, out, metrics=metrics)
@@ -220,13 +223,21 @@ def _set_tau(model: torch.nn.Module, config: TrainConfig, step: int) -> None:
             p.config = p.config.replace(tau=tau)
 
 
-def _check_same_config(saved: dict[str, Any], config: TrainConfig) -> None:
-    now = config.to_dict()
-    # Run length and cadence may change on resume; what defines the model may not.
+def _check_same_config(meta: dict[str, Any], config: TrainConfig, world: int) -> None:
+    saved, now = meta["config"], config.to_dict()
+    # Run length and cadence may change on resume; what defines the model and the data
+    # position (batch size, accumulation, number of ranks) may not.
     for section in ("model", "dkm", "data"):
         if saved.get(section) != now[section]:
             raise ValueError(f"--resume: config section {section!r} differs from the checkpoint's "
                              f"({saved.get(section)} vs {now[section]}); resume with the same config")
+    for key in ("batch_size", "grad_accum"):
+        if saved["optim"][key] != now["optim"][key]:
+            raise ValueError(f"--resume: optim.{key} was {saved['optim'][key]}, now {now['optim'][key]}; "
+                             "the data position would not match")
+    if meta.get("world_size", world) != world:
+        raise ValueError(f"--resume: the checkpoint was written by {meta['world_size']} processes, "
+                         f"now {world}; the data position would not match")
 
 
 def _peak_mem() -> int:

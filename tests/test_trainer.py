@@ -108,8 +108,8 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(got["model"][key], value), f"{key} differs after kill -9 + resume"
     ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     got_rows = (run / "metrics.jsonl").read_text().splitlines()
-    losses = lambda rows: {json.loads(r)["step"]: json.loads(r)["loss"] for r in rows}  # noqa: E731
-    assert losses(got_rows) == losses(ref_rows)
+    assert [json.loads(r)["step"] for r in got_rows] == list(range(1, 11))  # steps after the checkpoint not doubled
+    assert [json.loads(r)["loss"] for r in got_rows] == [json.loads(r)["loss"] for r in ref_rows]
 
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -126,6 +126,25 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
         train(load_config(TINY, [f"run.output_dir={tmp_path / 'empty'}"]), resume=True)
 
 
+def test_checkpoint_prune_orders_steps_numerically(tmp_path):
+    from edkm.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path, 999_999, {"x": 1}, {}, keep=1)
+    save_checkpoint(tmp_path, 1_000_000, {"x": 2}, {}, keep=1)  # "step-1000000" < "step-999999" as text
+    state, manifest = load_checkpoint(latest_checkpoint(tmp_path))
+    assert manifest["step"] == 1_000_000 and state["x"] == 2
+    assert not (tmp_path / "step-999999").exists()
+
+
+def test_resume_refuses_a_different_data_position(tmp_path):
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.export=false"])
+    train(cfg, stop_after=1)
+    other = load_config(TINY, [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.export=false",
+                               "optim.batch_size=2"])
+    with pytest.raises(ValueError, match="optim.batch_size was 4, now 2"):
+        train(other, resume=True)
+
+
 def test_config_errors_name_key_and_value(tmp_path):
     with pytest.raises(ValueError, match="optim.lrr"):
         load_config(TINY, ["optim.lrr=1"])
@@ -137,6 +156,7 @@ def test_config_errors_name_key_and_value(tmp_path):
         load_config(TINY, ["bits=3"])
     cfg = load_config(TINY)
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert load_config(TINY, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 alone reads a string
     for name in ("smollm2-135m-4bit", "smollm2-135m-3bit", "llama-7b-3bit"):
         load_config(ROOT / "configs" / f"{name}.yaml")
     res = _cli("train", "--config", str(TINY), "dkm.bits=0")
