@@ -23,8 +23,29 @@ CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
 DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*")
 
 
+class ConfigDict:
+    """``to_dict`` / ``from_dict`` / ``replace`` for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (tuples become lists) for YAML/JSON/checkpoints."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class DKMConfig:
+class DKMConfig(ConfigDict):
     """How to cluster weights with differentiable k-means.
 
     Args:
@@ -119,25 +140,6 @@ class DKMConfig:
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.include)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict (tuples become lists) for YAML/JSON/checkpoints."""
-        out = dataclasses.asdict(self)
-        out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DKMConfig":
-        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DKMConfig key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **changes: Any) -> "DKMConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _check_int(name: str, value: Any, lo: int | None, hi: int | None) -> None:

@@ -16,6 +16,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from edkm.config import BACKENDS
+
 from edkm.functional.kmeans import kmeans_init
 from edkm.functional.naive import dkm_naive
 from edkm.functional.shard import dkm_sharded, sharding_active
@@ -25,7 +27,6 @@ from edkm.functional.unique import PatternOps, dkm_pattern, dkm_unique
 
 __all__ = ["BACKENDS", "assign_packed", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def dkm(

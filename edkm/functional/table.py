@@ -131,9 +131,7 @@ def build_table(points: Tensor) -> Table:
         gid = torch.arange(G, device=device, dtype=mdt).view(G, 1, 1).expand(G, N, 1)
         keyed = torch.cat([gid, points.to(mdt)], dim=2).reshape(G * N, d + 1)  # (G*N, 1+d)
         uniq, inv, cnt = torch.unique(keyed, dim=0, return_inverse=True, return_counts=True)
-    if not torch.isfinite(uniq).all():
-        bad = uniq[~torch.isfinite(uniq)][0].item()
-        raise ValueError(f"DKM got a non-finite weight value ({bad}); clean NaN/Inf weights first")
+    _check_finite(uniq)
     group = uniq[:, 0].to(torch.int64)  # (M,) sorted: groups are contiguous
     per_group = torch.bincount(group, minlength=G)
     start = torch.cumsum(per_group, 0) - per_group
@@ -145,6 +143,12 @@ def build_table(points: Tensor) -> Table:
     counts[group, col] = cnt.to(mdt)
     inverse = (inv - start[group[inv]]).to(torch.int32).view(G, N)
     return Table(values, counts, None, inverse)
+
+
+def _check_finite(values: Tensor) -> None:
+    if not torch.isfinite(values).all():
+        bad = values[~torch.isfinite(values)][0].item()
+        raise ValueError(f"DKM got a non-finite weight value ({bad}); clean NaN/Inf weights first")
 
 
 def _dense_patterns(points: Tensor) -> bool:
@@ -166,9 +170,7 @@ def _table_from_keys(ukeys: Tensor, cnt: Tensor, G: int, dtype: torch.dtype) -> 
     patterns[group, col] = pattern
     counts[group, col] = cnt.to(torch.float32)
     values[group, col, 0] = _pattern_values(pattern, dtype).to(torch.float32)
-    if not torch.isfinite(values).all():
-        bad = values[~torch.isfinite(values)][0].item()
-        raise ValueError(f"DKM got a non-finite weight value ({bad}); clean NaN/Inf weights first")
+    _check_finite(values)
     return Table(values, counts, patterns, None)
 
 
@@ -186,22 +188,9 @@ def table_from_histogram(hist: Tensor, dtype: torch.dtype) -> Table:
         The `Table` (values (G, U, 1) fp32, counts (G, U), patterns (G, U) int64, padding
         -1). Raises ``ValueError`` if a present pattern is NaN or infinite.
     """
-    G = hist.shape[0]
-    present = hist > 0  # (G, 65536)
-    rank = present.cumsum(1, dtype=torch.int32) - 1  # (G, 65536) row of each present pattern
-    U = int(present.sum(1).max().item())
-    g_idx, p_idx = present.nonzero(as_tuple=True)  # (M,), (M,), sorted by group then pattern
-    r_idx = rank[g_idx, p_idx]
-    patterns = torch.full((G, U), -1, dtype=torch.int64, device=hist.device)
-    counts = torch.zeros(G, U, dtype=torch.float32, device=hist.device)
-    values = torch.zeros(G, U, 1, dtype=torch.float32, device=hist.device)
-    patterns[g_idx, r_idx] = p_idx
-    counts[g_idx, r_idx] = hist[g_idx, p_idx].to(torch.float32)
-    values[g_idx, r_idx, 0] = _pattern_values(p_idx, dtype).to(torch.float32)
-    if not torch.isfinite(values).all():
-        bad = values[~torch.isfinite(values)][0].item()
-        raise ValueError(f"DKM got a non-finite weight value ({bad}); clean NaN/Inf weights first")
-    return Table(values, counts, patterns, None)
+    flat = hist.reshape(-1)
+    ukeys = flat.nonzero().squeeze(1)  # (M,) g * 65536 + pattern, sorted by group then pattern
+    return _table_from_keys(ukeys, flat[ukeys], hist.shape[0], dtype)
 
 
 def pattern_rowmap(patterns: Tensor) -> Tensor:

@@ -14,12 +14,12 @@ Ranks come from exactly one of:
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
+from edkm.config import ConfigDict
 from edkm.lowrank.budget import SENSITIVITIES
 from edkm.lowrank.factor import DEFAULT_DAMPING
 
@@ -27,7 +27,7 @@ __all__ = ["LowRankConfig"]
 
 
 @dataclass(frozen=True)
-class LowRankConfig:
+class LowRankConfig(ConfigDict):
     """How `lowrank_model` decomposes a model's linear layers.
 
     Args:
@@ -91,25 +91,6 @@ class LowRankConfig:
         if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.include)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict (tuples become lists) for YAML/JSON/checkpoints."""
-        out = dataclasses.asdict(self)
-        out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LowRankConfig":
-        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LowRankConfig key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(data))
-
-    def replace(self, **changes: Any) -> "LowRankConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _is_number(value: Any) -> bool:
