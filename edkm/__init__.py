@@ -11,6 +11,7 @@ Library use::
 from edkm.config import DKMConfig
 from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
+from edkm.importance import fisher_importance
 from edkm.lowrank import LowRankConfig, LowRankLinear, lowrank_model
 from edkm.model import centroid_drift, clustered_layers, finalize, prepare
 from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear
@@ -28,6 +29,7 @@ __all__ = [
     "dkm",
     "export_compressed",
     "finalize",
+    "fisher_importance",
     "kmeans_init",
     "load_compressed",
     "lowrank_model",

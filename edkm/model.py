@@ -10,7 +10,7 @@ one shared parametrization, so they stay tied and are clustered once.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,13 +22,17 @@ from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear, nearest
 log = logging.getLogger(__name__)
 
 
-def prepare(model: nn.Module, config: DKMConfig) -> nn.Module:
+def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Make every selected layer of ``model`` train through DKM (in place).
 
     Args:
         model: Any module; ``nn.Linear`` (and with ``config.include_embeddings``
             ``nn.Embedding``) submodules whose names match the config are clustered.
         config: Clustering settings.
+        importance: Optional ``{module name: (out, in) sensitivity}`` (for instance
+            `edkm.fisher_importance`): the k-means init and the DKM centroid updates of
+            those layers are weighted by it (sensitivity-aware clustering, see
+            `edkm.modules.DKMWeight`). Layers missing from the mapping are unweighted.
     Returns:
         The same model. Raises ``ValueError`` if nothing was selected or a layer's
         shape does not fit the config (the message names the layer).
@@ -48,7 +52,7 @@ def prepare(model: nn.Module, config: DKMConfig) -> nn.Module:
         param = by_weight.get(id(weight))
         if param is None:
             try:
-                param = DKMWeight(weight, config)
+                param = DKMWeight(weight, config, None if importance is None else importance.get(name))
             except ValueError as err:
                 raise ValueError(f"cannot cluster layer {name!r}: {err}") from err
             by_weight[id(weight)] = param

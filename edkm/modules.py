@@ -66,9 +66,14 @@ class DKMWeight(nn.Module):
     Args:
         weight: The initial weight; its k-means gives the step-0 centroids.
         config: The clustering settings.
+        importance: Optional (out, in) non-negative sensitivity of every weight (e.g. a
+            diagonal Fisher from `edkm.fisher_importance`). It weights the k-means init
+            and every DKM centroid update, so centroids sit where errors cost the most
+            loss. Kept as a bf16 buffer (2 bytes per weight), scaled to mean 1 per LUT
+            group; a group whose importance is all zero is weighted uniformly.
     """
 
-    def __init__(self, weight: Tensor, config: DKMConfig) -> None:
+    def __init__(self, weight: Tensor, config: DKMConfig, importance: Tensor | None = None) -> None:
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"DKMWeight clusters 2-D weights, got shape {tuple(weight.shape)}")
@@ -77,9 +82,25 @@ class DKMWeight(nn.Module):
         self.config = config
         self.groups = weight_groups(weight.shape[0], weight.shape[1], config)
         points = self.points(weight.detach())
-        c0 = kmeans_init(points, config.n_clusters, iters=config.init_iters, seed=config.seed)
+        if importance is not None:
+            self.register_buffer("importance", self._group_importance(importance, weight.shape))
+        imp = getattr(self, "importance", None)
+        c0 = kmeans_init(points, config.n_clusters, iters=config.init_iters, seed=config.seed,
+                         importance=None if imp is None else imp.float())
         self.register_buffer("centroids", c0.float())  # (G, K, d), warm start
         self.register_buffer("drift", torch.zeros(()))  # max centroid move at the last step
+
+    def _group_importance(self, importance: Tensor, shape: torch.Size) -> Tensor:
+        """(out, in) importance -> (G, N) per point (summed over a vector's d entries), mean 1 per group."""
+        if tuple(importance.shape) != tuple(shape):
+            raise ValueError(f"importance shape {tuple(importance.shape)} does not match the weight's {tuple(shape)}")
+        imp = importance.detach().double()
+        if not torch.isfinite(imp).all() or (imp < 0).any():
+            raise ValueError("importance must be finite and >= 0")
+        per_point = to_points(imp, self.groups, self.config.cluster_dim).sum(-1)  # (G, N)
+        mean = per_point.mean(1, keepdim=True)
+        per_point = torch.where(mean > 0, per_point / torch.where(mean > 0, mean, 1.0), 1.0)
+        return per_point.to(torch.bfloat16)
 
     def points(self, weight: Tensor) -> Tensor:
         """The (G, N, d) points clustered for ``weight`` (cast to ``cluster_dtype``)."""
@@ -96,7 +117,8 @@ class DKMWeight(nn.Module):
             return hard.to(weight.dtype).reshape(weight.shape)
         with offload_saved_tensors() if cfg.offload else contextlib.nullcontext():
             soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps,
-                              uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard)
+                              uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard,
+                              importance=getattr(self, "importance", None))
         with torch.no_grad():
             self.drift.copy_((new_c - c).norm(dim=-1).max())
             self.centroids.copy_(new_c)
@@ -104,7 +126,8 @@ class DKMWeight(nn.Module):
 
     def extra_repr(self) -> str:
         G, K, d = self.centroids.shape
-        return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}"
+        weighted = ", importance-weighted" if hasattr(self, "importance") else ""
+        return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}{weighted}"
 
 
 class _LUTMixin:

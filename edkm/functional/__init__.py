@@ -39,6 +39,7 @@ def dkm(
     uniquify: bool = True,
     backend: str = "auto",
     shard: bool = False,
+    importance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Soft-cluster ``points`` with differentiable k-means.
 
@@ -61,6 +62,12 @@ def dkm(
         shard: With torch.distributed initialised and several ranks, each rank runs
             DKM on its slice of the points and the centroid sums are all-reduced (exact;
             see `edkm.functional.shard`). Ignored in a single process.
+        importance: Optional (N,) / (G, N) non-negative per-point weights s_i of the
+            centroid updates, ``C_t = A_t^T (s X) / A_t^T s`` (sensitivity-weighted
+            DKM, e.g. a diagonal Fisher; see `edkm.fisher_importance`). Constants: no
+            gradient flows into them. Scale them to mean ~1 (a centroid whose mass is
+            below 1e-6 is frozen). Runs on the torch backend (``"auto"`` picks it; an
+            explicit ``"triton"`` is an error) and not with active sharding.
     Returns:
         ``(soft_points, new_centroids)``: soft points shaped and typed like ``points``,
         and fp32 detached centroids shaped like ``centroids``.
@@ -71,7 +78,15 @@ def dkm(
     c = centroids if grouped else centroids.unsqueeze(0)
     if not uniquify and not torch.isfinite(points).all():
         raise ValueError("DKM got non-finite weights (NaN or Inf); clean them first")
-    if shard and sharding_active():
+    if importance is not None:
+        imp = _check_importance(importance, p, grouped)
+        if shard and sharding_active():
+            raise ValueError("importance-weighted DKM does not support sharding yet; use shard=False")
+        if backend == "triton":
+            raise ValueError("importance-weighted DKM runs on the torch backend; use backend='torch' or 'auto'")
+        fn = dkm_unique if uniquify else dkm_naive
+        out, new_c = fn(p, c, float(tau), int(max_iters), float(eps), None, imp)
+    elif shard and sharding_active():
         out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
     elif resolve_backend(backend, p, uniquify) == "triton":
         ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
@@ -171,6 +186,19 @@ def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: f
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     if not torch.isfinite(centroids).all():
         raise ValueError("centroids contain NaN or Inf")
+
+
+def _check_importance(importance: Tensor, points: Tensor, grouped: bool) -> Tensor:
+    """(G, N) importance matching ``points`` (G, N, d); raises ``ValueError`` naming the problem."""
+    imp = importance if grouped else importance.unsqueeze(0)
+    if not isinstance(importance, Tensor) or not importance.is_floating_point():
+        raise TypeError(f"importance must be a floating-point tensor, got {getattr(importance, 'dtype', type(importance))}")
+    if tuple(imp.shape) != tuple(points.shape[:2]):
+        raise ValueError(f"importance must have one entry per point, shape {tuple(points.shape[:2])} "
+                         f"(without the group dim for ungrouped points), got {tuple(importance.shape)}")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance must be finite and >= 0")
+    return imp.detach()
 
 
 def assign_packed(points: Tensor, centroids: Tensor, bits: int, backend: str = "auto") -> Tensor:

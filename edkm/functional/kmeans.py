@@ -13,9 +13,10 @@ from torch import Tensor
 
 from edkm.functional.naive import sq_dist
 from edkm.functional.table import build_table
+from edkm.functional.unique import importance_mass
 
 
-def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tensor:
+def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importance: Tensor | None = None) -> Tensor:
     """Hard k-means centroids for every group.
 
     Args:
@@ -23,6 +24,9 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tenso
         k: Number of centroids.
         iters: Lloyd iterations after the seeding.
         seed: Seed of the k-means++ sampling (d > 1).
+        importance: Optional (G, N) non-negative per-point weights (sensitivity-weighted
+            k-means, as SqueezeLLM): the Lloyd steps minimise ``sum_i s_i ||w_i - c||^2``.
+            The range seed still spans every present value.
     Returns:
         (G, k, d) centroids in the math dtype (fp32; fp64 for fp64 points). A group with
         fewer than k distinct values gets those values, repeated to fill the LUT.
@@ -32,10 +36,11 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0) -> Tenso
     with torch.no_grad():
         table = build_table(points.detach())
         v, n = table.values, table.counts  # (G, U, d), (G, U); padding rows have n = 0
+        m = n if importance is None else importance_mass(table, points.detach(), importance.detach())
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        c = _range_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, n, k, gen)
+        c = _range_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, m, k, gen)
         for _ in range(iters):
-            c = _lloyd_step(v, n, c)
+            c = _lloyd_step(v, m, c)
         distinct = (n > 0).sum(1)  # (G,)
         for g in (distinct < k).nonzero().flatten().tolist():
             present = v[g][n[g] > 0]  # every distinct value becomes a centroid

@@ -267,14 +267,17 @@ def gather(table: Table, points: Tensor, rows_values: Tensor, dtype: torch.dtype
     return out
 
 
-def element_grad(table: Table, points: Tensor, grad: Tensor, jac: Tensor, shared: Tensor) -> Tensor:
-    """``dW_i = G_i J[j(i)] + r[j(i)]``, the per-element DKM gradient, in ``points.dtype``.
+def element_grad(table: Table, points: Tensor, grad: Tensor, jac: Tensor, shared: Tensor,
+                 scale: Tensor | None = None) -> Tensor:
+    """``dW_i = G_i J[j(i)] + s_i r[j(i)]``, the per-element DKM gradient, in ``points.dtype``.
 
     Args:
         grad: (G, N, d) upstream gradient G_i.
         jac: (G, U, d, d) Jacobian of the row's soft value w.r.t. the row's value
             (``J[e, f] = d out_e / d v_f``), or (G, U) for d = 1.
-        shared: (G, U, d) the gradient shared by equal values, already divided by n_j.
+        shared: (G, U, d) the gradient shared by equal values, already divided by n_j
+            (by the row's importance mass with ``scale``).
+        scale: (G, N) per-point importance s_i (None: 1), for importance-weighted DKM.
     Returns:
         (G, N, d) gradient in ``points.dtype``.
     """
@@ -284,9 +287,12 @@ def element_grad(table: Table, points: Tensor, grad: Tensor, jac: Tensor, shared
     shared_flat = shared.reshape(G * U, d)
     for sl, rows in _chunks(table, points):
         gi = grad[:, sl].reshape(-1, d).to(jac.dtype)  # (G * n, d)
+        sh = shared_flat[rows]
+        if scale is not None:
+            sh = sh * scale[:, sl].reshape(-1, 1).to(sh.dtype)
         if jac.dim() == 2:
-            val = gi * jac_flat[rows].unsqueeze(1) + shared_flat[rows]
+            val = gi * jac_flat[rows].unsqueeze(1) + sh
         else:
-            val = torch.einsum("ne,nef->nf", gi, jac_flat[rows]) + shared_flat[rows]
+            val = torch.einsum("ne,nef->nf", gi, jac_flat[rows]) + sh
         out[:, sl] = val.to(points.dtype).view(G, -1, d)
     return out

@@ -13,6 +13,10 @@ Backward, with G_i the upstream gradient of point i and j(i) its row (DESIGN sec
     J_j     = d h / d v at v_j with C_{T-1}, C_T fixed          # the per-element path
     dW_i    = G_i J_{j(i)} + R_{j(i)} / n_{j(i)}
 
+With per-point importance s_i (sensitivity-weighted DKM) the rows weigh their mass
+m_j = sum_{i: j(i)=j} s_i instead of n_j in the centroid sums, and the shared term
+becomes s_i R_{j(i)} / m_{j(i)}.
+
 The first term uses each point's own G_i; only the centroid path is shared by equal
 values. Nothing of N x K elements is allocated in either direction: the autograd replay
 holds O(iters * U * K) floats and the per-element passes stream in chunks.
@@ -60,41 +64,57 @@ class _UniqueDKM(torch.autograd.Function):
     """Autograd Function of the table path; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float, reduce=None):
+    def forward(ctx, points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float, reduce=None,
+                importance: Tensor | None = None):
         table = tbl.build_table(points)
         c0 = centroids.detach().to(table.values.dtype, copy=True)  # the caller may update it in place
         with torch.no_grad():
-            a_last, _, c_last, iters = dkm_iterations(table.values, table.counts, c0, tau, max_iters, eps, reduce=reduce)
+            mass = table.counts if importance is None else importance_mass(table, points, importance)
+            a_last, _, c_last, iters = dkm_iterations(table.values, mass, c0, tau, max_iters, eps, reduce=reduce)
             rows = torch.einsum("guk,gkd->gud", a_last, c_last)  # (G, U, d)
         out = tbl.gather(table, points, rows, points.dtype)
-        ctx.save_for_backward(points, c0, table.values, table.counts, table.patterns, table.inverse)  # all via hooks
+        # all via hooks; importance is None or a buffer the caller keeps anyway
+        ctx.save_for_backward(points, c0, table.values, table.counts, table.patterns, table.inverse, mass, importance)
         ctx.tau, ctx.iters, ctx.reduce = tau, iters, reduce
         ctx.mark_non_differentiable(c_last)
         return out, c_last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_centroids: Tensor):
-        points, c0, values, counts, patterns, inverse = ctx.saved_tensors
+        points, c0, values, counts, patterns, inverse, mass, importance = ctx.saved_tensors
         table = tbl.Table(values, counts, patterns, inverse)
         tau = ctx.tau
         s = tbl.segment_sum(table, points, grad_out)  # (G, U, d)
         with torch.enable_grad():
             v = table.values.detach().requires_grad_(True)
-            _, c_prev, c_last, _ = dkm_iterations(v, table.counts, c0, tau, ctx.iters, 0.0, n_iters=ctx.iters,
+            _, c_prev, c_last, _ = dkm_iterations(v, mass, c0, tau, ctx.iters, 0.0, n_iters=ctx.iters,
                                                   reduce=ctx.reduce)
             rows = torch.einsum("guk,gkd->gud", soft_assign(v.detach(), c_prev, tau), c_last)
             (r,) = torch.autograd.grad((rows * s).sum(), v)  # (G, U, d)
-        shared = r / table.counts.clamp_min(1.0).unsqueeze(-1)  # padding rows: r = 0
+        if importance is None:
+            shared = r / table.counts.clamp_min(1.0).unsqueeze(-1)  # padding rows: r = 0
+        else:  # point i carries s_i / m_j of its row's weight in the centroid sums
+            shared = r / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(-1)
         jac = soft_value_jacobian(table.values, c_prev.detach(), c_last.detach(), tau)
-        grad_points = tbl.element_grad(table, points, grad_out, jac, shared)
-        return grad_points, None, None, None, None, None
+        grad_points = tbl.element_grad(table, points, grad_out, jac, shared, scale=importance)
+        return grad_points, None, None, None, None, None, None
 
 
 def dkm_unique(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float,
-               reduce=None) -> tuple[Tensor, Tensor]:
+               reduce=None, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Uniquified DKM; same contract as `edkm.functional.naive.dkm_naive`."""
-    out, c_last = _UniqueDKM.apply(points, centroids, tau, max_iters, eps, reduce)
+    out, c_last = _UniqueDKM.apply(points, centroids, tau, max_iters, eps, reduce, importance)
     return out, c_last
+
+
+def importance_mass(table: tbl.Table, points: Tensor, importance: Tensor) -> Tensor:
+    """``m_j = sum_{i: j(i)=j} s_i``: the importance mass of every table row, (G, U).
+
+    With importance weights the rows weigh ``m_j`` in the centroid sums instead of their
+    count ``n_j``; the table stays the table of distinct values.
+    """
+    s = importance.unsqueeze(-1).expand(*importance.shape, table.values.shape[-1])  # one weight per point
+    return tbl.segment_sum(table, points, s)[..., 0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""Sensitivity of every weight: the diagonal empirical Fisher, for sensitivity-aware DKM.
+
+Rounding weight w_i by delta_i raises the loss by about ``F_ii delta_i^2 / 2`` near a
+minimum, with F_ii the diagonal of the Fisher information, estimated as the mean squared
+gradient over calibration text (SqueezeLLM's observation). Weighting the k-means by F_ii
+puts centroids where errors cost loss instead of where weights are dense. Measured on
+SmolLM2-135M, one LUT per 16 output channels, 8 windows of 128 tokens: held-out
+perplexity after rounding to the initial centroids drops from 90 to 50 at 4 bits and
+from 17,800 to 225 at 3 bits (fp: 31.9).
+
+    imp = edkm.fisher_importance(model, windows[:8], config)
+    edkm.prepare(model, config, importance=imp)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from edkm.config import DKMConfig
+
+log = logging.getLogger(__name__)
+
+
+def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | None = None,
+                      batch_size: int = 1) -> dict[str, Tensor]:
+    """Mean squared gradient of the causal-LM loss for every weight `prepare` would cluster.
+
+    Args:
+        model: A Hugging Face causal LM (``model(input_ids=..., labels=...).loss``), not
+            yet prepared.
+        windows: (n, L) int64 token windows of calibration text (training text, never
+            the evaluation text).
+        config: Which layers (``config.selects`` and ``min_weight_numel``, as `prepare`);
+            None takes every ``nn.Linear``.
+        batch_size: Windows per backward pass; 1 (the default) squares per-window
+            gradients, the usual empirical Fisher.
+    Returns:
+        ``{module name: (out, in) fp32 tensor}`` on the weights' device. Gradients and
+        ``requires_grad`` flags of the model are restored afterwards.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n >= 1, L >= 2) token ids, got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    kinds = (nn.Linear, nn.Embedding) if config is not None and config.include_embeddings else (nn.Linear,)
+    chosen = {name: m.weight for name, m in model.named_modules() if isinstance(m, kinds)
+              and (config is None or (config.selects(name) and m.weight.numel() >= config.min_weight_numel))}
+    if not chosen:
+        raise ValueError("fisher_importance: no layer selected")
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    saved = [p.grad for p in params]
+    was_training = model.training
+    targets = {id(w): w for w in chosen.values()}  # tied weights: one accumulator
+    acc = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in targets.items()}
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in targets)
+            p.grad = None
+        model.eval()
+        device = next(iter(targets.values())).device
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            model(input_ids=ids, labels=ids).loss.backward()
+            for k, w in targets.items():
+                acc[k] += w.grad.float().square()
+                w.grad = None
+    finally:
+        for p, flag, grad in zip(params, flags, saved):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    n = -(-windows.shape[0] // batch_size)
+    log.info("Fisher importance of %d layers from %d windows", len(chosen), windows.shape[0])
+    return {name: acc[id(w)] / n for name, w in chosen.items()}
