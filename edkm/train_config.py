@@ -66,6 +66,9 @@ class DataConfig:
         heldout_fraction: Tail share of the corpus kept for evaluation only.
         heldout_windows: Held-out windows scored for perplexity (0 = all).
         max_train_windows: Cap on training windows (0 = all).
+        importance_windows: Training windows whose squared gradients (diagonal Fisher,
+            `edkm.fisher_importance`) weight the k-means init and every DKM centroid
+            update (sensitivity-aware clustering); 0 = unweighted.
     """
 
     corpus: str = "default"
@@ -74,6 +77,7 @@ class DataConfig:
     heldout_fraction: float = 0.1
     heldout_windows: int = 32
     max_train_windows: int = 0
+    importance_windows: int = 0
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len, minimum=2)
@@ -81,6 +85,7 @@ class DataConfig:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         _positive("data.heldout_windows", self.heldout_windows, minimum=0)
         _positive("data.max_train_windows", self.max_train_windows, minimum=0)
+        _positive("data.importance_windows", self.importance_windows, minimum=0)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 
 from edkm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from edkm.export import export_compressed
+from edkm.importance import fisher_importance
 from edkm.model import centroid_drift, clustered_layers, finalize, prepare
 from edkm.train_config import TrainConfig
 from edkm.trainer_data import load_model_and_windows
@@ -86,7 +87,13 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
     else:
         ppl_before = _perplexity(model, heldout, acc)
         log.info("perplexity before clustering: %.3f on %d held-out tokens", ppl_before, heldout.numel())
-    prepare(model, config.dkm)
+    importance = None
+    if config.data.importance_windows:
+        n = config.data.importance_windows
+        if n > windows.train.shape[0]:
+            raise ValueError(f"data.importance_windows={n} but only {windows.train.shape[0]} training windows exist")
+        importance = fisher_importance(model.to(acc.device), windows.train[:n], config.dkm)
+    prepare(model, config.dkm, importance=importance)
     model.to(acc.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                             weight_decay=config.optim.weight_decay)

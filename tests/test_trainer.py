@@ -191,3 +191,19 @@ def test_cli_lowrank_then_train_clusters_the_factors(tmp_path):
     assert any(n.endswith(".down") for n in names) and any(n.endswith(".up") for n in names)
     res = _cli("lowrank", "--config", str(TINY), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "no 'lowrank' section" in res.stderr
+
+
+def test_importance_weighted_training_resumes_exactly(tmp_path):
+    over = ["optim.max_steps=4", "run.save_every=2", "run.export=false", "data.importance_windows=4"]
+    ref = train(load_config(TINY, [f"run.output_dir={tmp_path / 'ref'}", *over]))
+    assert ref.steps == 4 and ref.ppl_after < ref.ppl_before
+    want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
+    assert any(k.endswith("importance") for k in want["model"])
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *over])
+    assert train(cfg, stop_after=2).steps == 2
+    train(cfg, resume=True)
+    got, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), f"{key} differs after resume"
+    with pytest.raises(ValueError, match="importance_windows=99999"):
+        train(load_config(TINY, [f"run.output_dir={tmp_path / 'bad'}", "data.importance_windows=99999"]))

@@ -25,8 +25,11 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importan
         iters: Lloyd iterations after the seeding.
         seed: Seed of the k-means++ sampling (d > 1).
         importance: Optional (G, N) non-negative per-point weights (sensitivity-weighted
-            k-means, as SqueezeLLM): the Lloyd steps minimise ``sum_i s_i ||w_i - c||^2``.
-            The range seed still spans every present value.
+            k-means, as SqueezeLLM): ``iters`` more Lloyd steps minimise
+            ``sum_i s_i ||w_i - c||^2``, starting from the unweighted solution. Measured on
+            SmolLM2-135M (4 bits, 16-row LUTs, Fisher of 32 windows): starting the weighted
+            steps from the range seed instead stalls at a 39% higher weighted error and
+            held-out perplexity 57.4 instead of 47.5, even with 100 steps.
     Returns:
         (G, k, d) centroids in the math dtype (fp32; fp64 for fp64 points). A group with
         fewer than k distinct values gets those values, repeated to fill the LUT.
@@ -36,11 +39,14 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importan
     with torch.no_grad():
         table = build_table(points.detach())
         v, n = table.values, table.counts  # (G, U, d), (G, U); padding rows have n = 0
-        m = n if importance is None else importance_mass(table, points.detach(), importance.detach())
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        c = _range_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, m, k, gen)
+        c = _range_seed(v, n, k) if v.shape[-1] == 1 else _kmeanspp_seed(v, n, k, gen)
         for _ in range(iters):
-            c = _lloyd_step(v, m, c)
+            c = _lloyd_step(v, n, c)
+        if importance is not None:  # then weighted steps from the unweighted solution (see docstring)
+            m = importance_mass(table, points.detach(), importance.detach())
+            for _ in range(iters):
+                c = _lloyd_step(v, m, c)
         distinct = (n > 0).sum(1)  # (G,)
         for g in (distinct < k).nonzero().flatten().tolist():
             present = v[g][n[g] > 0]  # every distinct value becomes a centroid
