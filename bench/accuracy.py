@@ -24,8 +24,8 @@ Every clustered row is checked to hold at most 2**bits distinct values per LUT g
 clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
 ct_skm and ours) uses the first ``--calib-windows`` training windows.
 
-    python -m bench.accuracy --quick                  # < 10 min on a 2-core CPU
-    python -m bench.accuracy --steps 64 --eval-windows 64 --out accuracy.jsonl
+    python -m bench.accuracy --quick                  # smoke-sized: decoder layer 0 only
+    python -m bench.accuracy --out accuracy.jsonl     # the README table (~45 min per half on a CPU core)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from edkm.models import perplexity  # noqa: E402
 
 ALL_METHODS = ("fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ct_skm", "ours", "ct_dkm")
 QUICK = dict(steps=4, eval_windows=8, calib_windows=4, layers=1)
-FULL = dict(steps=32, eval_windows=32, calib_windows=32, layers=None)
+FULL = dict(steps=48, eval_windows=32, calib_windows=32, layers=None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=16, help="output channels per LUT (default 16)")
     p.add_argument("--steps", type=int, help="fine-tune steps of fp_finetune / ct_dkm / ours")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW LR of every fine-tune (default 1e-4)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW LR of every fine-tune (default 2e-4)")
     p.add_argument("--tau", type=float, default=1e-4, help="DKM temperature, ours and ct_dkm (default 1e-4)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations per forward (default 3)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")

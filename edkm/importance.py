@@ -66,7 +66,8 @@ def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | Non
             ids = windows[start : start + batch_size].to(device)
             model(input_ids=ids, labels=ids).loss.backward()
             for k, w in targets.items():
-                acc[k] += w.grad.float().square()
+                if w.grad is not None:  # None: the layer took no part in the loss
+                    acc[k] += w.grad.float().square()
                 w.grad = None
     finally:
         for p, flag, grad in zip(params, flags, saved):
