@@ -22,7 +22,8 @@ calibrated on). Rows:
 Every clustered row is checked to hold at most 2**bits distinct values per LUT group
 (``lut_violations`` 0). Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad
 clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
-ct_skm and ours) uses the first ``--calib-windows`` training windows.
+ct_skm and ours, both from per-window squared gradients) uses the first
+``--calib-windows`` training windows.
 
     python -m bench.accuracy --quick                  # smoke-sized: decoder layer 0 only
     python -m bench.accuracy --out accuracy.jsonl     # the README table (~45 min per half on a CPU core)
@@ -215,8 +216,9 @@ class Bench:
         self.row("ct_ptq", bits, lambda m: peers.ct_post_training(m, bits, self.args.group_size, self.names) and None)
 
     def ct_skm(self, bits: int) -> None:
+        # batch_size=1: per-window squared gradients, the same Fisher estimator as ours
         self.row("ct_skm", bits, lambda m: peers.ct_skm(m, bits, self.args.group_size, self.calib,
-                                                        batch_size=self.args.batch_size, names=self.names) and None)
+                                                        batch_size=1, names=self.names) and None)
 
     def ct_dkm(self, bits: int) -> None:
         def build(m: nn.Module) -> dict:
