@@ -20,6 +20,7 @@ import logging
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
 
@@ -51,7 +52,10 @@ def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | Non
     chosen = {name: m.weight for name, m in model.named_modules() if isinstance(m, kinds)
               and (config is None or (config.selects(name) and m.weight.numel() >= config.min_weight_numel))}
     if not chosen:
-        raise ValueError("fisher_importance: no layer selected")
+        where = "" if config is None else f" (include={config.include}, exclude={config.exclude})"
+        raise ValueError(f"fisher_importance: no layer selected{where}")
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ValueError("fisher_importance takes the model before edkm.prepare (it has parametrized layers)")
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     saved = [p.grad for p in params]
@@ -78,4 +82,7 @@ def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | Non
         model.train(was_training)
     n = -(-windows.shape[0] // batch_size)
     log.info("Fisher importance of %d layers from %d windows", len(chosen), windows.shape[0])
-    return {name: acc[id(w)] / n for name, w in chosen.items()}
+    first: dict[int, str] = {}
+    for name, w in chosen.items():  # tied weights: the first name, as prepare looks them up
+        first.setdefault(id(w), name)
+    return {name: acc[k] / n for k, name in first.items()}

@@ -32,13 +32,15 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         importance: Optional ``{module name: (out, in) sensitivity}`` (for instance
             `edkm.fisher_importance`): the k-means init and the DKM centroid updates of
             those layers are weighted by it (sensitivity-aware clustering, see
-            `edkm.modules.DKMWeight`). Layers missing from the mapping are unweighted.
+            `edkm.modules.DKMWeight`). Layers missing from the mapping are unweighted; a
+            key that names no layer prepare clusters is an error.
     Returns:
         The same model. Raises ``ValueError`` if nothing was selected or a layer's
         shape does not fit the config (the message names the layer).
     """
     kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
     by_weight: dict[int, DKMWeight] = {}
+    used: set[str] = set()
     chosen = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, kinds) or not config.selects(name):
@@ -52,7 +54,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         param = by_weight.get(id(weight))
         if param is None:
             try:
-                param = DKMWeight(weight, config, None if importance is None else importance.get(name))
+                imp = None if importance is None else importance.get(name)
+                if imp is not None:
+                    used.add(name)
+                param = DKMWeight(weight, config, imp)
             except ValueError as err:
                 raise ValueError(f"cannot cluster layer {name!r}: {err}") from err
             by_weight[id(weight)] = param
@@ -60,6 +65,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         chosen += 1
     if chosen == 0:
         raise ValueError(f"no layer matched include={config.include} exclude={config.exclude}")
+    unused = sorted(set(importance or {}) - used)
+    if unused:
+        raise ValueError(f"importance given for {len(unused)} layer(s) that prepare() did not cluster first "
+                         f"(unselected, too small, or a later alias of a tied weight), e.g. {unused[:3]}")
     log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
     return model
 

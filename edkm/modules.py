@@ -70,7 +70,9 @@ class DKMWeight(nn.Module):
             diagonal Fisher from `edkm.fisher_importance`). It weights the k-means init
             and every DKM centroid update, so centroids sit where errors cost the most
             loss. Kept as a bf16 buffer (2 bytes per weight), scaled to mean 1 per LUT
-            group; a group whose importance is all zero is weighted uniformly.
+            group; a group whose importance is all zero is weighted uniformly. The buffer
+            is not persistent (not in ``state_dict``): checkpoints stay loadable into a
+            model prepared without importance, and the trainer recomputes it on resume.
     """
 
     def __init__(self, weight: Tensor, config: DKMConfig, importance: Tensor | None = None) -> None:
@@ -82,8 +84,8 @@ class DKMWeight(nn.Module):
         self.config = config
         self.groups = weight_groups(weight.shape[0], weight.shape[1], config)
         points = self.points(weight.detach())
-        if importance is not None:
-            self.register_buffer("importance", self._group_importance(importance, weight.shape))
+        if importance is not None:  # not in state_dict: rebuilt from data (trainer: on resume too)
+            self.register_buffer("importance", self._group_importance(importance, weight.shape), persistent=False)
         imp = getattr(self, "importance", None)
         c0 = kmeans_init(points, config.n_clusters, iters=config.init_iters, seed=config.seed,
                          importance=None if imp is None else imp.float())
@@ -96,7 +98,8 @@ class DKMWeight(nn.Module):
             raise ValueError(f"importance shape {tuple(importance.shape)} does not match the weight's {tuple(shape)}")
         imp = importance.detach().double()
         if not torch.isfinite(imp).all() or (imp < 0).any():
-            raise ValueError("importance must be finite and >= 0")
+            raise ValueError(f"importance must be finite and >= 0, got min {imp.nan_to_num(0.0).min().item():.3g} "
+                             f"and {int((~torch.isfinite(imp)).sum())} non-finite entries")
         per_point = to_points(imp, self.groups, self.config.cluster_dim).sum(-1)  # (G, N)
         mean = per_point.mean(1, keepdim=True)
         per_point = torch.where(mean > 0, per_point / torch.where(mean > 0, mean, 1.0), 1.0)

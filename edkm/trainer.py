@@ -94,6 +94,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
             raise ValueError(f"data.importance_windows={n} but only {windows.train.shape[0]} training windows exist")
         importance = fisher_importance(model.to(acc.device), windows.train[:n], config.dkm)
     prepare(model, config.dkm, importance=importance)
+    del importance  # the layers keep a bf16 copy; free the fp32 Fisher
     model.to(acc.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                             weight_decay=config.optim.weight_decay)
@@ -231,7 +232,7 @@ def _set_tau(model: torch.nn.Module, config: TrainConfig, step: int) -> None:
 
 
 def _check_same_config(meta: dict[str, Any], config: TrainConfig, world: int) -> None:
-    saved, now = meta["config"], config.to_dict()
+    saved, now = TrainConfig.from_dict(meta["config"]).to_dict(), config.to_dict()  # defaults filled in
     # Run length and cadence may change on resume; what defines the model and the data
     # position (batch size, accumulation, number of ranks) may not.
     for section in ("model", "dkm", "data"):

@@ -198,7 +198,12 @@ def test_importance_weighted_training_resumes_exactly(tmp_path):
     ref = train(load_config(TINY, [f"run.output_dir={tmp_path / 'ref'}", *over]))
     assert ref.steps == 4 and ref.ppl_after < ref.ppl_before
     want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
-    assert any(k.endswith("importance") for k in want["model"])
+    plain = train(load_config(TINY, [f"run.output_dir={tmp_path / 'plain'}", *over[:-1]]))
+    unweighted, _ = load_checkpoint(latest_checkpoint(tmp_path / "plain"))
+    assert plain.ppl_after != ref.ppl_after  # the weighting took part
+    assert any(not torch.equal(unweighted["model"][k], v) for k, v in want["model"].items())
+    res = _cli("export", "--checkpoint", str(tmp_path / "ref"), "--out", str(tmp_path / "m.safetensors"))
+    assert res.returncode == 0, res.stderr  # the checkpoint loads into a model prepared without importance
     cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *over])
     assert train(cfg, stop_after=2).steps == 2
     train(cfg, resume=True)
@@ -207,3 +212,14 @@ def test_importance_weighted_training_resumes_exactly(tmp_path):
         assert torch.equal(got["model"][key], value), f"{key} differs after resume"
     with pytest.raises(ValueError, match="importance_windows=99999"):
         train(load_config(TINY, [f"run.output_dir={tmp_path / 'bad'}", "data.importance_windows=99999"]))
+
+
+def test_resume_check_fills_defaults_of_keys_older_checkpoints_lack():
+    from edkm.trainer import _check_same_config
+
+    cfg = load_config(TINY)
+    saved = cfg.to_dict()
+    del saved["data"]["importance_windows"]  # written before the key existed
+    _check_same_config({"config": saved, "world_size": 1}, cfg, 1)
+    with pytest.raises(ValueError, match="'data' differs"):
+        _check_same_config({"config": saved, "world_size": 1}, load_config(TINY, ["data.seq_len=32"]), 1)

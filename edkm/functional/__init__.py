@@ -190,14 +190,15 @@ def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: f
 
 def _check_importance(importance: Tensor, points: Tensor, grouped: bool) -> Tensor:
     """(G, N) importance matching ``points`` (G, N, d); raises ``ValueError`` naming the problem."""
-    imp = importance if grouped else importance.unsqueeze(0)
     if not isinstance(importance, Tensor) or not importance.is_floating_point():
         raise TypeError(f"importance must be a floating-point tensor, got {getattr(importance, 'dtype', type(importance))}")
+    imp = importance if grouped else importance.unsqueeze(0)
     if tuple(imp.shape) != tuple(points.shape[:2]):
         raise ValueError(f"importance must have one entry per point, shape {tuple(points.shape[:2])} "
                          f"(without the group dim for ungrouped points), got {tuple(importance.shape)}")
     if not torch.isfinite(imp).all() or (imp < 0).any():
-        raise ValueError("importance must be finite and >= 0")
+        raise ValueError(f"importance must be finite and >= 0, got min {imp.nan_to_num(0.0).min().item():.3g} "
+                         f"and {int((~torch.isfinite(imp)).sum())} non-finite entries")
     return imp.detach()
 
 

@@ -73,15 +73,17 @@ class _UniqueDKM(torch.autograd.Function):
             a_last, _, c_last, iters = dkm_iterations(table.values, mass, c0, tau, max_iters, eps, reduce=reduce)
             rows = torch.einsum("guk,gkd->gud", a_last, c_last)  # (G, U, d)
         out = tbl.gather(table, points, rows, points.dtype)
-        # all via hooks; importance is None or a buffer the caller keeps anyway
-        ctx.save_for_backward(points, c0, table.values, table.counts, table.patterns, table.inverse, mass, importance)
-        ctx.tau, ctx.iters, ctx.reduce = tau, iters, reduce
+        ctx.save_for_backward(points, c0, table.values, table.counts, table.patterns, table.inverse, mass)  # via hooks
+        # importance: a constant the caller keeps (DKMWeight's buffer); held by reference so
+        # saved-tensor offload does not copy it every step
+        ctx.tau, ctx.iters, ctx.reduce, ctx.importance = tau, iters, reduce, importance
         ctx.mark_non_differentiable(c_last)
         return out, c_last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_centroids: Tensor):
-        points, c0, values, counts, patterns, inverse, mass, importance = ctx.saved_tensors
+        points, c0, values, counts, patterns, inverse, mass = ctx.saved_tensors
+        importance = ctx.importance
         table = tbl.Table(values, counts, patterns, inverse)
         tau = ctx.tau
         s = tbl.segment_sum(table, points, grad_out)  # (G, U, d)
