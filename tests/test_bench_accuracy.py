@@ -44,8 +44,8 @@ def test_bench_runs_on_a_tiny_model_and_writes_checked_rows(tmp_path, capsys):
     assert "ours" in capsys.readouterr().out  # the printed table
 
 
-def test_bad_arguments_are_errors_naming_the_value():
-    with pytest.raises(SystemExit):
-        accuracy.parse_args(["--methods", "fp,nope"])
-    with pytest.raises(SystemExit):
-        accuracy.parse_args(["--bits", "9"])
+def test_bad_arguments_are_errors_naming_the_value(capsys):
+    for argv, bad in ((["--methods", "fp,nope"], "nope"), (["--bits", "9"], "9"), (["--layers", "0"], "0")):
+        with pytest.raises(SystemExit):
+            accuracy.parse_args(argv)
+        assert bad in capsys.readouterr().err
