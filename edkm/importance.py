@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
+from edkm.model import selected_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | Non
         raise ValueError(f"windows must be (n >= 1, L >= 2) token ids, got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    kinds = (nn.Linear, nn.Embedding) if config is not None and config.include_embeddings else (nn.Linear,)
-    chosen = {name: m.weight for name, m in model.named_modules() if isinstance(m, kinds)
-              and (config is None or (config.selects(name) and m.weight.numel() >= config.min_weight_numel))}
+    layers = ([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)] if config is None
+              else selected_layers(model, config))
+    chosen = {name: m.weight for name, m in layers}
     if not chosen:
         where = "" if config is None else f" (include={config.include}, exclude={config.exclude})"
         raise ValueError(f"fisher_importance: no layer selected{where}")

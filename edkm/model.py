@@ -38,19 +38,13 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         The same model. Raises ``ValueError`` if nothing was selected or a layer's
         shape does not fit the config (the message names the layer).
     """
-    kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
     by_weight: dict[int, DKMWeight] = {}
     used: set[str] = set()
     chosen = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, kinds) or not config.selects(name):
-            continue
+    for name, module in selected_layers(model, config):
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parametrized; prepare() was called twice?")
         weight = module.weight
-        if weight.numel() < config.min_weight_numel:
-            log.debug("skip %s: %d weights < min_weight_numel=%d", name, weight.numel(), config.min_weight_numel)
-            continue
         param = by_weight.get(id(weight))
         if param is None:
             try:
@@ -71,6 +65,22 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
                          f"(unselected, too small, or a later alias of a tied weight), e.g. {unused[:3]}")
     log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
     return model
+
+
+def selected_layers(model: nn.Module, config: DKMConfig) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers `prepare` clusters: ``nn.Linear`` (and with
+    ``config.include_embeddings`` ``nn.Embedding``) whose names the config selects and
+    which hold at least ``config.min_weight_numel`` weights, in ``named_modules`` order."""
+    kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or not config.selects(name):
+            continue
+        if module.weight.numel() < config.min_weight_numel:
+            log.debug("skip %s: %d weights < min_weight_numel=%d", name, module.weight.numel(), config.min_weight_numel)
+            continue
+        out.append((name, module))
+    return out
 
 
 def clustered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMWeight]]:

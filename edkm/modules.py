@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edkm.config import DKMConfig
-from edkm.functional import dkm, kmeans_init
+from edkm.functional import check_importance, dkm, kmeans_init
 from edkm.functional.naive import sq_dist
 from edkm.offload import offload_saved_tensors
 
@@ -96,10 +96,8 @@ class DKMWeight(nn.Module):
         """(out, in) importance -> (G, N) per point (summed over a vector's d entries), mean 1 per group."""
         if tuple(importance.shape) != tuple(shape):
             raise ValueError(f"importance shape {tuple(importance.shape)} does not match the weight's {tuple(shape)}")
+        check_importance(importance)
         imp = importance.detach().double()
-        if not torch.isfinite(imp).all() or (imp < 0).any():
-            raise ValueError(f"importance must be finite and >= 0, got min {imp.nan_to_num(0.0).min().item():.3g} "
-                             f"and {int((~torch.isfinite(imp)).sum())} non-finite entries")
         per_point = to_points(imp, self.groups, self.config.cluster_dim).sum(-1)  # (G, N)
         mean = per_point.mean(1, keepdim=True)
         per_point = torch.where(mean > 0, per_point / torch.where(mean > 0, mean, 1.0), 1.0)

@@ -25,7 +25,7 @@ from edkm.functional.table import uses_bit_patterns
 from edkm.functional import twins
 from edkm.functional.unique import PatternOps, dkm_pattern, dkm_unique
 
-__all__ = ["BACKENDS", "assign_packed", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
+__all__ = ["BACKENDS", "assign_packed", "check_importance", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
 
 
 
@@ -188,17 +188,23 @@ def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: f
         raise ValueError("centroids contain NaN or Inf")
 
 
-def _check_importance(importance: Tensor, points: Tensor, grouped: bool) -> Tensor:
-    """(G, N) importance matching ``points`` (G, N, d); raises ``ValueError`` naming the problem."""
+def check_importance(importance: Tensor) -> None:
+    """Raise ``TypeError`` / ``ValueError`` (with the bad values) unless ``importance`` is a
+    floating-point tensor of finite, non-negative weights."""
     if not isinstance(importance, Tensor) or not importance.is_floating_point():
         raise TypeError(f"importance must be a floating-point tensor, got {getattr(importance, 'dtype', type(importance))}")
+    if not torch.isfinite(importance).all() or (importance < 0).any():
+        raise ValueError(f"importance must be finite and >= 0, got min {importance.nan_to_num(0.0).min().item():.3g} "
+                         f"and {int((~torch.isfinite(importance)).sum())} non-finite entries")
+
+
+def _check_importance(importance: Tensor, points: Tensor, grouped: bool) -> Tensor:
+    """(G, N) importance matching ``points`` (G, N, d); raises ``ValueError`` naming the problem."""
+    check_importance(importance)
     imp = importance if grouped else importance.unsqueeze(0)
     if tuple(imp.shape) != tuple(points.shape[:2]):
         raise ValueError(f"importance must have one entry per point, shape {tuple(points.shape[:2])} "
                          f"(without the group dim for ungrouped points), got {tuple(importance.shape)}")
-    if not torch.isfinite(imp).all() or (imp < 0).any():
-        raise ValueError(f"importance must be finite and >= 0, got min {imp.nan_to_num(0.0).min().item():.3g} "
-                         f"and {int((~torch.isfinite(imp)).sum())} non-finite entries")
     return imp.detach()
 
 

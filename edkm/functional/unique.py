@@ -93,10 +93,9 @@ class _UniqueDKM(torch.autograd.Function):
                                                   reduce=ctx.reduce)
             rows = torch.einsum("guk,gkd->gud", soft_assign(v.detach(), c_prev, tau), c_last)
             (r,) = torch.autograd.grad((rows * s).sum(), v)  # (G, U, d)
-        if importance is None:
-            shared = r / table.counts.clamp_min(1.0).unsqueeze(-1)  # padding rows: r = 0
-        else:  # point i carries s_i / m_j of its row's weight in the centroid sums
-            shared = r / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(-1)
+        # point i carries s_i / m_j of its row's weight in the centroid sums (s_i = 1, m_j = n_j
+        # unweighted); rows of zero mass (padding, all-zero importance) have r = 0
+        shared = r / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(-1)
         jac = soft_value_jacobian(table.values, c_prev.detach(), c_last.detach(), tau)
         grad_points = tbl.element_grad(table, points, grad_out, jac, shared, scale=importance)
         return grad_points, None, None, None, None, None, None
