@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import edkm  # noqa: E402
 from bench import accuracy_peers as peers  # noqa: E402  (imports coremltools only when a ct row runs)
 from bench.harness import env_info, format_table, write_rows  # noqa: E402
-from edkm.model import clustered_layers  # noqa: E402
-from edkm.models import perplexity  # noqa: E402
+from edkm.preparation import clustered_layers  # noqa: E402
+from edkm.evaluate import perplexity  # noqa: E402
 
 ALL_METHODS = ("fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ct_skm", "ours", "ct_dkm")
 QUICK = dict(steps=4, eval_windows=8, calib_windows=4, layers=1)
@@ -259,14 +259,14 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     """(float model, training windows, held-out windows, description)."""
     n_train = max(args.steps * args.batch_size, args.calib_windows)
     if args.model == "tiny":
-        from edkm.models import tiny_llama
+        from edkm.hub.models import tiny_llama
 
         gen = torch.Generator().manual_seed(0)
         train = torch.randint(0, 256, (n_train, args.seq_len), generator=gen)
         heldout = torch.randint(0, 256, (args.eval_windows, args.seq_len), generator=gen)
         return tiny_llama(hidden=64, layers=2), train, heldout, "tiny random LLaMA, random tokens"
-    from edkm.models import load_smollm2
-    from edkm.text import build_windows, load_corpus, split_corpus
+    from edkm.hub.models import load_smollm2
+    from edkm.hub.text import build_windows, load_corpus, split_corpus
 
     model, tokenizer = load_smollm2()
     corpus = load_corpus("default")

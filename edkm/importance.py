@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
-from edkm.model import selected_layers
+from edkm.preparation import selected_layers
 
 log = logging.getLogger(__name__)
 

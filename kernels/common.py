@@ -19,7 +19,7 @@ import triton.language as tl
 N_PATTERNS = 1 << 16  # distinct 16-bit patterns: the size of a pattern-keyed table
 MAX_GRID_Y = 65535  # CUDA limit of grid dimensions 1 and 2 (the group axis)
 # A centroid whose soft mass is below this keeps its value and passes no gradient; the
-# same constant as edkm.functional.naive.MIN_MASS (tests/test_kernels.py checks it).
+# same constant as edkm.functional.iterations.MIN_MASS (tests/kernels/test_kernels.py checks it).
 MIN_MASS = tl.constexpr(1e-6)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import edkm
 from edkm.functional import dkm, kmeans_init
-from edkm.models import tiny_llama
+from edkm.hub.models import tiny_llama
 
 TAU = 1e-4
 

@@ -23,7 +23,7 @@ from edkm.functional.naive import dkm_naive
 from edkm.functional.shard import dkm_sharded, sharding_active
 from edkm.functional.table import uses_bit_patterns
 from edkm.functional import twins
-from edkm.functional.unique import PatternOps, dkm_pattern, dkm_unique
+from edkm.functional.autograd import PatternOps, dkm_pattern, dkm_unique
 
 __all__ = ["BACKENDS", "assign_packed", "check_importance", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
 
@@ -213,7 +213,7 @@ def assign_packed(points: Tensor, centroids: Tensor, bits: int, backend: str = "
 
     Every 8 consecutive points of a group become ``bits`` bytes, least significant bits
     first (`twins.pack_codes`; `twins.unpack_codes` inverts it); ``bits=8`` gives plain
-    uint8 indices. Ties go to the lowest centroid index, as `edkm.modules.nearest`.
+    uint8 indices. Ties go to the lowest centroid index, as `edkm.layers.nearest`.
 
     Args:
         points: (G, N, 1) weights (bf16 / fp16 for the Triton backend).

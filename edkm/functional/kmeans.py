@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edkm.functional.naive import sq_dist
+from edkm.functional.iterations import sq_dist
 from edkm.functional.table import build_table
-from edkm.functional.unique import importance_mass
+from edkm.functional.autograd import importance_mass
 
 
 def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importance: Tensor | None = None) -> Tensor:

@@ -29,7 +29,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 from edkm.functional.naive import dkm_naive
-from edkm.functional.unique import dkm_unique
+from edkm.functional.autograd import dkm_unique
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

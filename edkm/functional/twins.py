@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edkm.functional.naive import dkm_iterations, soft_assign, sq_dist, update_centroids
+from edkm.functional.iterations import dkm_iterations, soft_assign, soft_value_jacobian, sq_dist, update_centroids
 from edkm.functional.table import CHUNK, N_PATTERNS, _pattern
-from edkm.functional.unique import PatternOps, soft_value_jacobian
+from edkm.functional.autograd import PatternOps
 
 
 def torch_histogram(points: Tensor) -> Tensor:

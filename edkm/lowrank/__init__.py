@@ -28,8 +28,8 @@ from edkm.lowrank.factor import (
     parity_rank,
     relative_output_error,
 )
-from edkm.lowrank.model import LayerReport, LowRankReport, lowrank_model
-from edkm.lowrank.modules import LowRankLinear, decompose_group, decompose_linear
+from edkm.lowrank.decompose import LayerReport, LowRankReport, lowrank_model
+from edkm.lowrank.layers import LowRankLinear, decompose_group, decompose_linear
 
 __all__ = [
     "DEFAULT_DAMPING",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edkm.lowrank.modules import LowRankLinear
+from edkm.lowrank.layers import LowRankLinear
 
 FORMAT = 1
 MANIFEST = "lowrank.json"

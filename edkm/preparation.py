@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
-from edkm.modules import DKMWeight, LUTEmbedding, LUTLinear, nearest
+from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear, nearest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         importance: Optional ``{module name: (out, in) sensitivity}`` (for instance
             `edkm.fisher_importance`): the k-means init and the DKM centroid updates of
             those layers are weighted by it (sensitivity-aware clustering, see
-            `edkm.modules.DKMWeight`). Layers missing from the mapping are unweighted; a
+            `edkm.layers.DKMWeight`). Layers missing from the mapping are unweighted; a
             key that names no layer prepare clusters is an error.
     Returns:
         The same model. Raises ``ValueError`` if nothing was selected or a layer's

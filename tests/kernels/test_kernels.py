@@ -30,8 +30,8 @@ from edkm import kernels as K  # noqa: E402
 from edkm.functional import assign_packed, dkm, kmeans_init, resolve_backend  # noqa: E402
 from edkm.functional import table as tbl  # noqa: E402
 from edkm.functional import twins  # noqa: E402
-from edkm.functional.unique import dkm_pattern  # noqa: E402
-from edkm.modules import nearest  # noqa: E402
+from edkm.functional.autograd import dkm_pattern  # noqa: E402
+from edkm.layers import nearest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TAU = 1e-4
@@ -363,18 +363,18 @@ def test_backend_resolution_and_clear_errors(monkeypatch):
 
 
 def test_dkm_weight_passes_the_backend_through(monkeypatch):
-    import edkm.modules
+    import edkm.layers.parametrization as param
     from edkm.config import DKMConfig
-    from edkm.modules import DKMWeight
+    from edkm.layers import DKMWeight
 
     seen = []
-    real = edkm.modules.dkm
+    real = param.dkm
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("backend"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(edkm.modules, "dkm", spy)
+    monkeypatch.setattr(param, "dkm", spy)
     w = torch.randn(8, 64) * 0.02
     for backend in ("torch", "triton"):
         layer = DKMWeight(w, DKMConfig(bits=3, backend=backend, cluster_dtype="bfloat16"))
@@ -468,7 +468,7 @@ def test_llama_shape_on_gpu_within_rule(bits):
 
 
 def test_min_mass_matches_the_torch_path():
-    from edkm.functional.naive import MIN_MASS
+    from edkm.functional.iterations import MIN_MASS
     from edkm.kernels.common import MIN_MASS as KERNEL_MIN_MASS
 
     assert float(getattr(KERNEL_MIN_MASS, "value", KERNEL_MIN_MASS)) == MIN_MASS

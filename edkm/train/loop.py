@@ -28,12 +28,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edkm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from edkm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from edkm.export import export_compressed
 from edkm.importance import fisher_importance
-from edkm.model import centroid_drift, clustered_layers, finalize, prepare
-from edkm.train_config import TrainConfig
-from edkm.trainer_data import load_model_and_windows
+from edkm.preparation import centroid_drift, clustered_layers, finalize, prepare
+from edkm.train.config import TrainConfig
+from edkm.train.data import load_model_and_windows
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
 
 
 def _perplexity(model: torch.nn.Module, windows: torch.Tensor, acc) -> float:
-    from edkm.models import perplexity
+    from edkm.evaluate import perplexity
 
     with acc.autocast():
         return perplexity(model, windows.to(acc.device), batch_size=4)

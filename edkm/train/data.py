@@ -14,33 +14,19 @@ from typing import Any
 
 import torch
 
-from edkm.text import TokenWindows, build_windows, load_corpus, split_corpus
-from edkm.train_config import TrainConfig
+from edkm.hub.tokenizer import ByteTokenizer
+from edkm.hub.text import TokenWindows, build_windows, load_corpus, split_corpus
+from edkm.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocab 256): enough for the tiny smoke-test model."""
-
-    vocab_size = 256
-
-    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def encode(self, text: str, **_: Any) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids, **_: Any) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-
 def load_model(config: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """The model (eval mode, CPU, ``model.dtype``) and its tokenizer."""
-    from edkm.models import load_llama, load_smollm2, tiny_llama
+    from edkm.hub.models import load_llama, load_smollm2, tiny_llama
 
     from edkm.lowrank.persist import is_lowrank_dir, load_lowrank, read_manifest
-    from edkm.train_config import ModelConfig
+    from edkm.train.config import ModelConfig
 
     src = config.model.source
     if src not in ("tiny", "smollm2") and is_lowrank_dir(src):  # `edkm lowrank` output

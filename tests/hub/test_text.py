@@ -1,4 +1,4 @@
-"""Tests for edkm.text: corpora, the leak-free split and token windows (no model needed)."""
+"""Tests for edkm.hub.text: corpora, the leak-free split and token windows (no model needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from edkm.text import (
+from edkm.hub.text import (
     Corpus,
     TextSplit,
     build_windows,

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import edkm
-from edkm.modules import LUTEmbedding, LUTLinear
+from edkm.layers import LUTEmbedding, LUTLinear
 
 
 def tiny(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
@@ -204,7 +204,7 @@ def test_offload_option_gives_bitwise_equal_gradients():
 
 @pytest.mark.slow
 def test_smollm2_prepare_train_finalize():
-    from edkm.models import load_smollm2
+    from edkm.hub.models import load_smollm2
 
     model, tok = load_smollm2()
     edkm.prepare(model, edkm.DKMConfig(bits=4, cluster_dtype="bfloat16"))

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edkm.functional import dkm, kmeans_init
-from edkm.functional.naive import dkm_iterations
+from edkm.functional.iterations import dkm_iterations
 
 TAU = 1e-4
 ATOL = 1e-5  # normwise, relative to max |reference|

@@ -23,8 +23,8 @@ from edkm.lowrank import (
     lowrank_model,
     parity_rank,
 )
-from edkm.models import tiny_llama
-from edkm.modules import LUTLinear
+from edkm.hub.models import tiny_llama
+from edkm.layers import LUTLinear
 
 F64 = torch.float64
 
@@ -413,7 +413,7 @@ def test_bench_smoke_run_on_tiny_model(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "lowrank.jsonl"
     args = ["bench/lowrank.py", "--model", "tiny", "--quick", "--pcts", "25", "--types", "attn", "--repeats", "1",
             "--out", str(out)]
@@ -433,7 +433,7 @@ def test_bench_smoke_run_on_tiny_model(tmp_path):
 
 def test_lord_then_dkm_export_reload_is_exact(tmp_path):
     import edkm
-    from edkm.models import tiny_llama
+    from edkm.hub.models import tiny_llama
 
     model = tiny_llama(vocab_size=256, hidden=64, layers=2)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))

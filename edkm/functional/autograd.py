@@ -36,28 +36,7 @@ import torch
 from torch import Tensor
 
 from edkm.functional import table as tbl
-from edkm.functional.naive import dkm_iterations, soft_assign
-
-
-def soft_value_jacobian(v: Tensor, c_prev: Tensor, c_last: Tensor, tau: float) -> Tensor:
-    """Jacobian of ``h(v) = softmax(-||v - c_prev||^2 / tau) c_last`` w.r.t. ``v``.
-
-    With z_k = -||v - c_k||^2 / tau, a = softmax(z) and g_k = dz_k/dv = -2 (v - c_k) / tau:
-    ``J[e, f] = sum_k c_last[k, e] a_k (g_k[f] - sum_m a_m g_m[f])``.
-
-    Args:
-        v: (G, U, d) rows. c_prev, c_last: (G, K, d).
-    Returns:
-        (G, U) for d = 1, else (G, U, d, d) with J[..., e, f] = d h_e / d v_f.
-    """
-    a = soft_assign(v, c_prev, tau)  # (G, U, K)
-    if v.shape[-1] == 1:
-        g = (v - c_prev.transpose(1, 2)) * (-2.0 / tau)  # (G, U, K)
-        centred = g - (a * g).sum(-1, keepdim=True)
-        return torch.einsum("guk,gk->gu", a * centred, c_last[..., 0])
-    g = (v.unsqueeze(2) - c_prev.unsqueeze(1)) * (-2.0 / tau)  # (G, U, K, d)
-    centred = g - torch.einsum("guk,gukf->guf", a, g).unsqueeze(2)
-    return torch.einsum("gke,guk,gukf->guef", c_last, a, centred)
+from edkm.functional.iterations import dkm_iterations, soft_assign, soft_value_jacobian
 
 
 class _UniqueDKM(torch.autograd.Function):

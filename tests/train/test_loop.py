@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import edkm
-from edkm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from edkm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from edkm.export import export_compressed, load_compressed, pack_codes, unpack_codes
-from edkm.train_config import TrainConfig, load_config
-from edkm.trainer import train
+from edkm.train.config import TrainConfig, load_config
+from edkm.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
@@ -45,7 +45,7 @@ def test_train_tiny_end_to_end_and_reload(tmp_path):
 
 
 def test_export_reload_logits_equal_finalized(tmp_path):
-    from edkm.models import tiny_llama
+    from edkm.hub.models import tiny_llama
 
     model = tiny_llama(vocab_size=256, hidden=64, layers=2)
     edkm.prepare(model, edkm.DKMConfig(bits=3, granularity="per_grouped_channel", group_size=16,
@@ -127,7 +127,7 @@ def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_checkpoint_prune_orders_steps_numerically(tmp_path):
-    from edkm.checkpoint import save_checkpoint
+    from edkm.train.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path, 999_999, {"x": 1}, {}, keep=1)
     save_checkpoint(tmp_path, 1_000_000, {"x": 2}, {}, keep=1)  # "step-1000000" < "step-999999" as text
@@ -215,7 +215,7 @@ def test_importance_weighted_training_resumes_exactly(tmp_path):
 
 
 def test_resume_check_fills_defaults_of_keys_older_checkpoints_lack():
-    from edkm.trainer import _check_same_config
+    from edkm.train.loop import _check_same_config
 
     cfg = load_config(TINY)
     saved = cfg.to_dict()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV_KEYS = {"device", "device_name", "torch", "triton", "coremltools", "git_commit", "host", "date"}
 ROW_KEYS = {"bench", "case", "status", "median_s", "min_s", "n", "size", "bits", "k", "dtype", "iters", "tau",
             "speedup_vs_coreml", "speedup_vs_naive", "peak_bytes", "memory_method", "max_abs_diff_rel"} | ENV_KEYS

@@ -1,4 +1,4 @@
-"""Layers: the DKM weight parametrization (training) and the LUT layers (finalized).
+"""The DKM weight parametrization (training time).
 
 `DKMWeight` is a `torch.nn.utils.parametrize` parametrization: the layer keeps its dense
 weight as the trainable parameter (``parametrizations.weight.original``), and every
@@ -12,9 +12,6 @@ dimension d (consecutive input features form a vector). Per-tensor LUTs use one 
 ``per_grouped_channel`` makes one group per ``group_size`` output channels:
 
     weight (out, in) -> points (G, out / G * in / d, d)      G = 1 or out / group_size
-
-`LUTLinear` / `LUTEmbedding` hold what `edkm.finalize` leaves: a LUT (G, K, d) in the
-weight's dtype and uint8 indices (out, in / d).
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from torch import Tensor, nn
 
 from edkm.config import DKMConfig
 from edkm.functional import check_importance, dkm, kmeans_init
-from edkm.functional.naive import sq_dist
+from edkm.layers.lut import nearest
 from edkm.offload import offload_saved_tensors
 
 
@@ -48,16 +45,6 @@ def weight_groups(out_features: int, in_features: int, config: DKMConfig) -> int
 def to_points(weight: Tensor, groups: int, d: int) -> Tensor:
     """(out, in) weight -> (G, out / G * in / d, d) points (a view when contiguous)."""
     return weight.reshape(groups, -1, d)
-
-
-def nearest(points: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> Tensor:
-    """Index of the nearest centroid for every point, (G, N) int64, streamed in chunks."""
-    G, N, _ = points.shape
-    out = torch.empty(G, N, dtype=torch.int64, device=points.device)
-    for s in range(0, N, chunk):
-        x = points[:, s : s + chunk].to(centroids.dtype)
-        out[:, s : s + chunk] = sq_dist(x, centroids).argmin(-1)
-    return out
 
 
 class DKMWeight(nn.Module):
@@ -129,51 +116,3 @@ class DKMWeight(nn.Module):
         G, K, d = self.centroids.shape
         weighted = ", importance-weighted" if hasattr(self, "importance") else ""
         return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}{weighted}"
-
-
-class _LUTMixin:
-    """Shared LUT storage: buffers ``lut`` (G, K, d) and ``indices`` (out, in / d) uint8."""
-
-    def _init_lut(self, lut: Tensor, indices: Tensor, shape: tuple[int, int]) -> None:
-        if lut.shape[1] > 256:
-            raise ValueError(f"uint8 indices hold at most 256 centroids, got {lut.shape[1]}")
-        self.register_buffer("lut", lut)
-        self.register_buffer("indices", indices.to(torch.uint8))
-        self.weight_shape = shape
-
-    def dense_weight(self) -> Tensor:
-        """The (out, in) weight decoded from LUT and indices."""
-        G, K, d = self.lut.shape
-        idx = self.indices.reshape(G, -1).long()  # (G, N)
-        w = torch.gather(self.lut, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # (G, N, d)
-        return w.reshape(self.weight_shape)
-
-
-class LUTLinear(_LUTMixin, nn.Module):
-    """A finalized linear layer: ``y = x W^T + b`` with W decoded from a LUT."""
-
-    def __init__(self, lut: Tensor, indices: Tensor, bias: Tensor | None, shape: tuple[int, int]) -> None:
-        super().__init__()
-        self._init_lut(lut, indices, shape)
-        self.out_features, self.in_features = shape
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        G, K, d = self.lut.shape
-        return f"in={self.in_features}, out={self.out_features}, groups={G}, clusters={K}, cluster_dim={d}"
-
-
-class LUTEmbedding(_LUTMixin, nn.Module):
-    """A finalized embedding table decoded from a LUT."""
-
-    def __init__(self, lut: Tensor, indices: Tensor, shape: tuple[int, int], padding_idx: int | None) -> None:
-        super().__init__()
-        self._init_lut(lut, indices, shape)
-        self.num_embeddings, self.embedding_dim = shape
-        self.padding_idx = padding_idx
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.dense_weight(), self.padding_idx)

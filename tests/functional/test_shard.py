@@ -101,7 +101,7 @@ def test_trainer_under_torchrun_with_sharding(tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "edkm", "--quiet", "train", "--config", str(root / "configs" / "tiny.yaml"), "--max-steps", "2",
            "dkm.shard=true", "run.export=false", f"run.output_dir={tmp_path}"]

@@ -33,7 +33,7 @@ from edkm.lowrank.budget import allocate_ranks, direction_costs
 from edkm.lowrank.calibrate import CalibrationStats, LossFn, causal_lm_loss, collect_input_stats
 from edkm.lowrank.config import LowRankConfig
 from edkm.lowrank.factor import Factorization, check_rank, factorize, output_error_terms, parity_rank
-from edkm.lowrank.modules import LowRankLinear, build_from_factorization, stack_weights
+from edkm.lowrank.layers import LowRankLinear, build_from_factorization, stack_weights
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,71 @@
+"""The LUT layers that `edkm.finalize` leaves (deployment time).
+
+`LUTLinear` / `LUTEmbedding` hold a LUT (G, K, d) in the weight's dtype and uint8
+indices (out, in / d); `nearest` picks every weight's centroid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edkm.functional.iterations import sq_dist
+
+
+def nearest(points: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """Index of the nearest centroid for every point, (G, N) int64, streamed in chunks."""
+    G, N, _ = points.shape
+    out = torch.empty(G, N, dtype=torch.int64, device=points.device)
+    for s in range(0, N, chunk):
+        x = points[:, s : s + chunk].to(centroids.dtype)
+        out[:, s : s + chunk] = sq_dist(x, centroids).argmin(-1)
+    return out
+
+
+class _LUTMixin:
+    """Shared LUT storage: buffers ``lut`` (G, K, d) and ``indices`` (out, in / d) uint8."""
+
+    def _init_lut(self, lut: Tensor, indices: Tensor, shape: tuple[int, int]) -> None:
+        if lut.shape[1] > 256:
+            raise ValueError(f"uint8 indices hold at most 256 centroids, got {lut.shape[1]}")
+        self.register_buffer("lut", lut)
+        self.register_buffer("indices", indices.to(torch.uint8))
+        self.weight_shape = shape
+
+    def dense_weight(self) -> Tensor:
+        """The (out, in) weight decoded from LUT and indices."""
+        G, K, d = self.lut.shape
+        idx = self.indices.reshape(G, -1).long()  # (G, N)
+        w = torch.gather(self.lut, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # (G, N, d)
+        return w.reshape(self.weight_shape)
+
+
+class LUTLinear(_LUTMixin, nn.Module):
+    """A finalized linear layer: ``y = x W^T + b`` with W decoded from a LUT."""
+
+    def __init__(self, lut: Tensor, indices: Tensor, bias: Tensor | None, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self._init_lut(lut, indices, shape)
+        self.out_features, self.in_features = shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        G, K, d = self.lut.shape
+        return f"in={self.in_features}, out={self.out_features}, groups={G}, clusters={K}, cluster_dim={d}"
+
+
+class LUTEmbedding(_LUTMixin, nn.Module):
+    """A finalized embedding table decoded from a LUT."""
+
+    def __init__(self, lut: Tensor, indices: Tensor, shape: tuple[int, int], padding_idx: int | None) -> None:
+        super().__init__()
+        self._init_lut(lut, indices, shape)
+        self.num_embeddings, self.embedding_dim = shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.dense_weight(), self.padding_idx)
