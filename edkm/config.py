@@ -22,6 +22,11 @@ CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
 # clustering them costs a lot of accuracy for little memory in small models.
 DEFAULT_EXCLUDE = ("lm_head", "*embed_tokens*")
 
+# The smallest tau for which ``squared distance / tau`` stays finite in fp32 for any two
+# weights in the 16-bit range: (2 * 65504)**2 / 3.4028e38 = 5.04e-29. Below it, a row
+# whose distances all overflow to inf turns softmax(-D / tau) into NaN (tau=1e-40 did).
+TAU_MIN = (2 * 65504.0) ** 2 / 3.4028234663852886e38
+
 
 class ConfigDict:
     """``to_dict`` / ``from_dict`` / ``replace`` for the frozen config dataclasses."""
@@ -112,6 +117,9 @@ class DKMConfig(ConfigDict):
         _check_int("group_size", self.group_size, 1, None)
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
             raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        if self.tau < TAU_MIN:
+            raise ValueError(f"tau must be >= {TAU_MIN:.3g} so that squared distance / tau stays finite in fp32 "
+                             f"(16-bit weights), got {self.tau!r}")
         _check_int("max_iters", self.max_iters, 1, 1000)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")

@@ -1,10 +1,14 @@
 """Crash-safe training checkpoints.
 
 A checkpoint is a directory ``step-000123/`` holding ``state.pt`` (model with centroids,
-optimizer, scheduler, RNG states, data position) and ``manifest.json`` (config, step and
-the SHA-256 of ``state.pt``). It is written under a temporary name, fsynced, renamed into
-place, and only then is ``latest`` (a one-line file) replaced atomically to point at it.
-A crash at any moment leaves the previous checkpoint intact and ``latest`` valid.
+optimizer, scheduler, RNG states, data position) and ``manifest.json`` (config, step, the
+held-out score and the SHA-256 of ``state.pt``). It is written under a temporary name,
+fsynced, renamed into place, and only then is ``latest`` (a one-line file) replaced
+atomically to point at it; ``best`` points at the checkpoint with the lowest held-out
+score. A crash or a failed write (disk full) at any moment leaves the previous checkpoint
+intact and ``latest`` valid; the failed write's temporary directory is removed, and
+`remove_stale_tmp` clears those a killed process left behind. Pruning keeps the newest
+``keep`` checkpoints, ``latest`` and ``best``.
 
 Loading verifies the digest: a truncated or corrupt checkpoint raises `CheckpointError`
 naming the file, never a silent restart from scratch.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -25,15 +30,17 @@ import torch
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+BEST = "best"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or corrupt."""
+    """A checkpoint is missing, truncated or corrupt, or could not be written."""
 
 
-def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2,
+                    score: float | None = None) -> Path:
     """Write ``state`` as checkpoint ``step`` atomically and point ``latest`` at it.
 
     Args:
@@ -41,29 +48,81 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         step: Optimizer step the state belongs to.
         state: Anything ``torch.save`` can write (tensors, dicts, RNG states).
         meta: JSON-able metadata stored in the manifest (config, data position, ...).
-        keep: Number of most recent checkpoints kept on disk.
+        keep: Number of most recent checkpoints kept on disk (``best`` is kept too).
+        score: Held-out score of this state (perplexity; lower is better), or None.
+            A finite score lower than the current best's moves ``best`` here.
     Returns:
-        The checkpoint directory.
+        The checkpoint directory. Raises `CheckpointError` naming the path, the bytes
+        needed and the bytes free when the write fails (the previous checkpoint stays).
     """
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    digest = _sha256(tmp / STATE)
-    manifest = {"step": step, "sha256": {STATE: digest}, "meta": meta}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for f in (tmp / STATE, tmp / MANIFEST):
-        _fsync(f)
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / STATE)
+        digest = _sha256(tmp / STATE)
+        manifest = {"step": step, "sha256": {STATE: digest}, "meta": meta, "score": score}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        for f in (tmp / STATE, tmp / MANIFEST):
+            _fsync(f)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {tmp / STATE}: {err} "
+                              f"({_space_note(root, _state_bytes(state))}); the previous checkpoint is intact") from err
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _atomic_write(root / LATEST, final.name + "\n")
+    if score is not None and math.isfinite(score):
+        best = best_checkpoint(root)
+        best_score = read_manifest(best).get("score") if best is not None and best != final else None
+        if best is None or best == final or best_score is None or score < best_score:
+            _atomic_write(root / BEST, final.name + "\n")
     _prune(root, keep)
-    log.info("checkpoint step %d -> %s", step, final)
+    log.info("checkpoint step %d -> %s%s", step, final, "" if score is None else f" (held-out ppl {score:.3f})")
     return final
+
+
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The directory ``best`` points at (lowest held-out score), or None if none was scored."""
+    pointer = Path(output_dir) / BEST
+    if not pointer.exists():
+        return None
+    path = Path(output_dir) / pointer.read_text().strip()
+    return path if path.is_dir() and path.name.startswith("step-") else None
+
+
+def reset_best(output_dir: str | Path) -> None:
+    """Forget the ``best`` pointer (a fresh run in a directory an earlier run used)."""
+    (Path(output_dir) / BEST).unlink(missing_ok=True)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest without loading its state; `CheckpointError` if unreadable."""
+    manifest_path = Path(path) / MANIFEST
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is missing or unreadable: {err}") from err
+
+
+def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
+    """Delete temporary checkpoint directories and pointer files a killed run left behind.
+
+    Only safe while holding the run directory's lock (`edkm.train.lock.RunLock`).
+
+    Returns:
+        The removed paths.
+    """
+    root = Path(output_dir)
+    stale = [p for p in root.glob(".tmp-step-*")] + [p for p in root.glob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        log.warning("removing stale temporary checkpoint file %s (left by an interrupted run)", p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -87,11 +146,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     path = Path(path)
     manifest_path = path / MANIFEST
+    manifest = read_manifest(path)
     try:
-        manifest = json.loads(manifest_path.read_text())
         want = manifest["sha256"][STATE]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint manifest {manifest_path} is missing or unreadable: {err}") from err
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} has no sha256 of {STATE}") from err
     state_path = path / STATE
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint file {state_path} is missing")
@@ -102,6 +161,27 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     state = torch.load(state_path, map_location="cpu", weights_only=False)
     return state, manifest
+
+
+def _state_bytes(state: Any) -> int:
+    """Tensor bytes in a nested state (what ``torch.save`` must write, roughly)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def _space_note(root: Path, need: int) -> str:
+    """'needs about N bytes, F free on the device of ``root``' (and 'disk full?' when short)."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return f"needs about {need} bytes"
+    note = f"needs about {need} bytes, {free} bytes free on the device of {root}"
+    return note + ("; no space left on the device" if free < need else "")
 
 
 def _sha256(path: Path) -> str:
@@ -126,11 +206,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` highest steps (by number: names grow past 6 digits),
-    never the one ``latest`` names."""
+    never the ones ``latest`` or ``best`` name."""
     ckpts = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                    key=lambda p: int(p.name[5:]))
-    pointer = root / LATEST
-    current = pointer.read_text().strip() if pointer.exists() else None
+    pinned = {(root / name).read_text().strip() for name in (LATEST, BEST) if (root / name).exists()}
     for old in ckpts[:-keep]:
-        if old.name != current:
+        if old.name not in pinned:
             shutil.rmtree(old, ignore_errors=True)

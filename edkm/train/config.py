@@ -27,6 +27,11 @@ from edkm.lowrank.config import LowRankConfig
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
+ON_DIVERGENCE = ("stop", "rollback")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is wrong; the message names the file, key and value."""
 
 
 @dataclass(frozen=True)
@@ -132,15 +137,27 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Bookkeeping.
+    """Bookkeeping and the divergence guard.
 
     Args:
         output_dir: Where checkpoints, metrics.jsonl and the export go.
         save_every: Checkpoint every this many optimizer steps (0 = only at the end).
         log_every: Log a line every this many steps.
-        keep_checkpoints: How many checkpoints to keep on disk.
+        keep_checkpoints: How many of the newest checkpoints to keep on disk (the best
+            scored one is kept as well).
         seed: Seeds data order and everything random.
         export: Write the packed model (``model.edkm.safetensors``) at the end.
+        eval_every: Score held-out perplexity every this many steps (0 = only when a
+            checkpoint is written; every checkpoint is scored). A new best score at an
+            evaluation step writes a checkpoint, so the best model is always on disk.
+        on_divergence: ``stop`` (raise, naming the step and the first bad layer) or
+            ``rollback`` (reload the last good checkpoint, halve the lr, continue).
+        loss_spike: A step whose loss exceeds this factor times the mean of the last 10
+            losses counts as divergence (0 = off).
+        max_weight_abs: Largest ``|weight|`` a trainable parameter may reach before the
+            step counts as divergence; 65504 (the fp16 maximum) keeps the fp16 export
+            exact in range (0 = only the finite check).
+        max_rollbacks: Rollbacks allowed in one run before ``rollback`` stops too.
     """
 
     output_dir: str = "runs/default"
@@ -149,12 +166,25 @@ class RunConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     export: bool = True
+    eval_every: int = 0
+    on_divergence: str = "stop"
+    loss_spike: float = 10.0
+    max_weight_abs: float = 65504.0
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         _positive("run.save_every", self.save_every, minimum=0)
         _positive("run.log_every", self.log_every)
         _positive("run.keep_checkpoints", self.keep_checkpoints)
         _positive("run.seed", self.seed, minimum=0)
+        _positive("run.eval_every", self.eval_every, minimum=0)
+        _positive("run.max_rollbacks", self.max_rollbacks, minimum=0)
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise ValueError(f"run.on_divergence must be one of {ON_DIVERGENCE}, got {self.on_divergence!r}")
+        for name in ("loss_spike", "max_weight_abs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value == 0 or value > 1)):
+                raise ValueError(f"run.{name} must be 0 (off) or a finite number > 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -177,27 +207,42 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a nested mapping; unknown sections or keys raise ``ValueError``."""
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config",
+                  origins: Mapping[str, str] | None = None) -> "TrainConfig":
+        """Build from a nested mapping, checking each value against its field's type.
+
+        Args:
+            data: ``{section: {key: value}}``.
+            source: What the mapping came from (a file name), named in every error.
+            origins: ``{"section.key": where}`` for values that came from elsewhere
+                (command-line overrides); named instead of ``source`` in their errors.
+        Returns:
+            The validated config. Raises `ConfigError` naming the source, the key, the
+            value and the expected type (unknown sections or keys included).
+        """
         sections = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(sections))
         if unknown:
-            raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+            raise ConfigError(f"{source}: unknown config section(s) {unknown}; known: {sorted(sections)}")
         built = {}
         for name, value in data.items():
             section_cls = _SECTION_TYPES[name]
             if name == "lowrank" and value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise ValueError(f"config section {name!r} must be a mapping, got {value!r}")
-            if section_cls in (DKMConfig, LowRankConfig):
-                built[name] = section_cls.from_dict(value)
-                continue
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            bad = sorted(set(value) - known)
+                raise ConfigError(f"{source}: config section {name!r} must be a mapping of key: value, "
+                                  f"got {type(value).__name__} {value!r}")
+            known = {f.name: f.type for f in dataclasses.fields(section_cls)}
+            bad = sorted(set(value) - set(known))
             if bad:
-                raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(known)}")
-            built[name] = section_cls(**value)
+                raise ConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(known)}")
+            where = {k: (origins or {}).get(f"{name}.{k}", source) for k in value}
+            typed = {k: _coerce(f"{where[k]}: {name}.{k}", v, known[k]) for k, v in value.items()}
+            try:
+                built[name] = section_cls(**typed)
+            except ValueError as err:
+                from_override = sorted({w for w in where.values() if w != source})
+                raise ConfigError(f"{', '.join([source, *from_override])}: {err}") from err
         return cls(**built)
 
 
@@ -212,32 +257,83 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         path: YAML file, or None for the defaults.
         overrides: e.g. ``["dkm.bits=3", "optim.lr=1e-4"]``.
     Returns:
-        The validated `TrainConfig`.
+        The validated `TrainConfig`. Raises `ConfigError` (a ``ValueError``) naming the
+        file (and line, for YAML syntax errors), the key, the value and the expected type.
     """
     data: dict[str, Any] = {}
+    source = "defaults"
+    origins: dict[str, str] = {}
     if path is not None:
         path = Path(path)
+        source = str(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: YAML syntax error: {getattr(err, 'problem', None) or err}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = {k: (dict(v) if v is not None or k != "lowrank" else None) for k, v in loaded.items()}
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        for k, v in loaded.items():
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"{path}: config section {k!r} must be a mapping of key: value, "
+                                  f"got {type(v).__name__} {v!r}")
+        data = {k: (dict(v) if v is not None else ({} if k != "lowrank" else None)) for k, v in loaded.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or not name:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. dkm.bits=3)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. dkm.bits=3)")
         if data.get(section) is None:
             data[section] = {}
-        value = yaml.safe_load(raw)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            data[section][name] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from err
+        origins[f"{section}.{name}"] = f"override {item!r}"
+    return TrainConfig.from_dict(data, source=source, origins=origins)
+
+
+def _coerce(where: str, value: Any, kind: str) -> Any:
+    """``value`` checked against the field type ``kind`` (its annotation string).
+
+    YAML 1.1 reads ``1e-3`` (no dot) as a string, so float fields accept strings that
+    parse as a number; ints are accepted for float fields. Everything else must match.
+    """
+    optional = kind.endswith(" | None")
+    base = kind[: -len(" | None")] if optional else kind
+    if value is None and optional:
+        return None
+    if base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
             try:
-                value = float(raw)
+                return float(value)
             except ValueError:
                 pass
-        data[section][name] = value
-    return TrainConfig.from_dict(data)
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "str":
+        if isinstance(value, str):
+            return value
+    elif base == "tuple[str, ...]":
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            return value
+    else:  # a field type this parser does not know: pass through, the dataclass validates
+        return value
+    expected = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+                "tuple[str, ...]": "a string or a list of strings"}[base]
+    raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {expected}"
+                      + (" or null" if optional else ""))
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:

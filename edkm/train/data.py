@@ -55,3 +55,65 @@ def load_model_and_windows(config: TrainConfig) -> tuple[torch.nn.Module, TokenW
         raise ValueError(f"corpus {d.corpus!r} is too small for seq_len={d.seq_len}: "
                          f"{windows.train.shape[0]} train / {windows.heldout.shape[0]} held-out windows")
     return model, windows
+
+
+def heldout_windows(config: TrainConfig, tokenizer: Any) -> torch.Tensor:
+    """The held-out windows `train` scores (``data.heldout_windows`` of them; 0 = all),
+    tokenized with ``tokenizer``; what ``edkm eval`` scores too."""
+    d = config.data
+    split = split_corpus(load_corpus(d.corpus, text_key=d.text_key), heldout_fraction=d.heldout_fraction)
+    windows = build_windows(split, tokenizer, d.seq_len, max_train_windows=1,
+                            max_heldout_windows=d.heldout_windows or None)
+    if windows.heldout.shape[0] == 0:
+        raise ValueError(f"corpus {d.corpus!r} has no held-out window of seq_len={d.seq_len}")
+    return windows.heldout
+
+
+def load_any_model(source: str, tokenizer: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """A model to evaluate and its tokenizer.
+
+    Args:
+        source: An edkm export (``.safetensors``), ``"smollm2"``, a local HF directory or
+            a .gguf file.
+        tokenizer: For exports: ``"bytes"``, ``"smollm2"`` or an HF directory; None picks
+            ``bytes`` for 256-token vocabularies (the tiny model) and ``smollm2`` otherwise.
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from edkm.hub.models import load_llama, load_smollm2
+
+    if source.endswith(".safetensors"):
+        from edkm.export import load_compressed
+
+        model = load_compressed(source)
+        tok_src = tokenizer or ("bytes" if model.config.vocab_size == 256 else "smollm2")
+        if tok_src == "bytes":
+            return model, ByteTokenizer()
+        if tok_src == "smollm2":
+            return model, load_smollm2().tokenizer
+        return model, load_llama(tok_src).tokenizer
+    if source == "smollm2":
+        return tuple(load_smollm2())
+    return tuple(load_llama(source))
+
+
+def data_order(n: int, seed: int) -> torch.Tensor:
+    """The seeded permutation of ``n`` training windows that fixes the data order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def micro_batch(train: torch.Tensor, order: torch.Tensor, micro: int, bs: int, world: int, rank: int) -> torch.Tensor:
+    """Micro-batch ``micro`` of this rank: consecutive slices of the permutation, wrapping
+    around (and reshuffling per epoch) when the data runs out.
+
+    Returns:
+        (bs, L) token windows.
+    """
+    n = order.numel()
+    start = (micro * world + rank) * bs
+    idx = []
+    for i in range(start, start + bs):
+        epoch, pos = divmod(i, n)
+        perm = order if epoch == 0 else data_order(n, epoch * 7919 + int(order[0]))
+        idx.append(int(perm[pos]))
+    return train[idx]

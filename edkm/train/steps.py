@@ -1,0 +1,192 @@
+"""The trainer's named steps; `edkm.train.loop.train` calls them in this order.
+
+    resume_point   the checkpoint to continue from, its config changes checked
+    calibrate      diagonal Fisher of some training windows (sensitivity-aware DKM)
+    prepare_model  `edkm.prepare`, AdamW and the LR schedule
+    train_step     one optimizer step over ``grad_accum`` micro-batches, with its metrics
+    evaluate       held-out perplexity (hard LUT weights)
+    export_model   `edkm.finalize` and the packed export
+
+Each takes what it needs explicitly; none keeps state between calls. `Run` bundles the
+objects the steps share (accelerator, model, optimizer, windows).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edkm.export import export_compressed
+from edkm.hub.text import TokenWindows
+from edkm.importance import fisher_importance
+from edkm.preparation import centroid_drift, finalize, prepare
+from edkm.train.checkpoint import latest_checkpoint, load_checkpoint
+from edkm.train.config import TrainConfig
+from edkm.train.data import micro_batch
+from edkm.train.guard import first_bad_grad
+from edkm.train.resume import config_changes
+from edkm.train.schedule import lr_lambda, set_tau, tau_at
+from edkm.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What the steps of one run share.
+
+    Args:
+        config: The config in effect. acc: The ``accelerate.Accelerator``.
+        model: The (accelerate-prepared) model. opt, sched: Optimizer and LR scheduler.
+        windows: Training / held-out token windows. heldout: The scored held-out windows.
+        order: The data permutation. out: The run directory.
+    """
+
+    config: TrainConfig
+    acc: Any
+    model: torch.nn.Module
+    opt: Any
+    sched: Any
+    windows: TokenWindows
+    heldout: torch.Tensor
+    order: torch.Tensor
+    out: Path
+
+
+def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
+    """Load the latest checkpoint of ``out`` and check the config against it.
+
+    Returns:
+        ``(state, manifest, applied)``: the `edkm.train.state.snapshot` dict, its
+        manifest, and ``{"section.key": (old, new)}`` of the config changes to apply.
+        Raises ``FileNotFoundError`` without a checkpoint, `CheckpointError` for a bad
+        one, `ConfigError` listing changes that cannot be applied.
+    """
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no 'latest' file); start without --resume")
+    state, manifest = load_checkpoint(ckpt)
+    applied = config_changes(manifest["meta"], config, world)
+    log.info("resuming from %s (step %d)", ckpt, manifest["step"])
+    return state, manifest, applied
+
+
+def calibrate(model: torch.nn.Module, train_windows: torch.Tensor, config: TrainConfig,
+              device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Diagonal Fisher of the first ``data.importance_windows`` training windows, or None.
+
+    Returns:
+        ``{layer name: (out, in) importance}`` for `edkm.prepare`, None when off.
+    """
+    n = config.data.importance_windows
+    if not n:
+        return None
+    if n > train_windows.shape[0]:
+        raise ValueError(f"data.importance_windows={n} but only {train_windows.shape[0]} training windows exist")
+    return fisher_importance(model.to(device), train_windows[:n], config.dkm)
+
+
+def prepare_model(model: torch.nn.Module, config: TrainConfig, importance: dict | None,
+                  device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+    """Cluster the model's layers (`edkm.prepare`), move it to ``device`` and build AdamW
+    with the LR schedule of `edkm.train.schedule.lr_lambda`.
+
+    Returns:
+        ``(model, optimizer, scheduler)``.
+    """
+    prepare(model, config.dkm, importance=importance)
+    model.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
+                            weight_decay=config.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+    return model, opt, sched
+
+
+def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, str | None]:
+    """One optimizer step: ``grad_accum`` micro-batches, clipping, AdamW, scheduler.
+
+    Advances ``ts.step`` and ``ts.micro``.
+
+    Returns:
+        ``(row, grad_norm, bad_grad)``: the metrics row of the step, the global gradient
+        norm before clipping (None under fp16 autocast, whose loss scaler skips
+        overflowing steps itself) and the first parameter with a non-finite gradient.
+    """
+    config, acc, model = run.config, run.acc, run.model
+    set_tau(model, config, ts.step)
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    loss_sum, tokens, world = 0.0, 0, acc.num_processes
+    norm, bad = None, None
+    for _ in range(config.optim.grad_accum):
+        ids = micro_batch(run.windows.train, run.order, ts.micro, config.optim.batch_size, world,
+                          acc.process_index).to(acc.device)
+        ts.micro += 1
+        with acc.accumulate(model):
+            loss = model(input_ids=ids, labels=ids).loss
+            acc.backward(loss)
+            if acc.sync_gradients:
+                norm, bad = _grad_norm(model, config)
+                if config.optim.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+        loss_sum += loss.item()
+        tokens += ids.numel() * world
+    run.sched.step()
+    ts.step += 1
+    dt = time.perf_counter() - t0
+    row = {"step": ts.step, "loss": loss_sum / config.optim.grad_accum, "lr": run.sched.get_last_lr()[0],
+           "tau": tau_at(config, ts.step - 1), "step_s": dt, "tokens_per_s": tokens / dt,
+           "peak_mem_bytes": _peak_mem(), "centroid_drift": centroid_drift(acc.unwrap_model(model)),
+           "grad_norm": norm, "rollbacks": ts.rollbacks}
+    return row, norm, bad
+
+
+def evaluate(model: torch.nn.Module, heldout: torch.Tensor, acc: Any) -> float:
+    """Held-out perplexity of ``model`` (eval mode: hard LUT weights); inf when the mean
+    loss is too large for ``exp``."""
+    from edkm.evaluate import perplexity
+
+    try:
+        with acc.autocast():
+            return perplexity(model, heldout.to(acc.device), batch_size=4)
+    except OverflowError:
+        log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
+        return float("inf")
+
+
+def export_model(model: torch.nn.Module, path: Path) -> dict[str, int]:
+    """`edkm.finalize` the model and write the packed export to ``path``.
+
+    Returns:
+        Sizes in bytes (see `edkm.export.export_compressed`).
+    """
+    finalize(model)
+    return export_compressed(model.cpu(), path)
+
+
+def _grad_norm(model: torch.nn.Module, config: TrainConfig) -> tuple[float | None, str | None]:
+    """Global L2 gradient norm before clipping and the first non-finite gradient's name."""
+    if config.optim.mixed_precision == "fp16":
+        return None, None
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return 0.0, None
+    total = float(torch.nn.utils.get_total_norm([g for _, g in named]))
+    return total, (None if math.isfinite(total) else first_bad_grad(named))
+
+
+def _peak_mem() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
