@@ -2,8 +2,11 @@
 
     edkm train  --config configs/NAME.yaml [--output-dir DIR] [--max-steps N] [--resume] [k=v ...]
     edkm eval   --model PATH          perplexity on the held-out split
-    edkm export --checkpoint DIR --out FILE
+    edkm export --checkpoint DIR --out FILE [--which best|latest]
     edkm lowrank --config configs/NAME.yaml --out DIR   (LoRD; train then clusters DIR)
+
+Exit codes: 0 done, 1 runtime error, 2 usage error (arguments, config), 130 interrupted;
+errors print as one line ``edkm: error: ...`` unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -13,33 +16,59 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 log = logging.getLogger("edkm")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``edkm`` console script; returns the exit code."""
+    """Entry point of the ``edkm`` console script.
+
+    Returns:
+        The exit code: 0 done, 1 runtime error, 2 usage error (bad arguments or config),
+        130 interrupted. Errors print as one line ``edkm: error: ...`` (``--debug``:
+        the traceback instead).
+    """
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad arguments
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"edkm: error: {err}", file=sys.stderr)
-        return 2
+        print("edkm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI boundary: every error becomes one line
+        if args.debug:
+            raise
+        from edkm.train.config import ConfigError
+
+        print(f"edkm: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line; the type name too when it is not self-explaining."""
+    msg = " ".join(str(err).split())
+    if not msg or not isinstance(err, (ValueError, OSError, RuntimeError)):
+        msg = f"{type(err).__name__}: {msg or '(no message)'} (run with --debug for the traceback)"
+    return msg
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edkm", description="Train-time weight clustering (DKM) for LLaMA models.")
     p.add_argument("--quiet", action="store_true", help="Only warnings and errors from the library log.")
     p.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    common = argparse.ArgumentParser(add_help=False)  # the same flags after the subcommand
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="Cluster a model with DKM while fine-tuning it, then evaluate and export.")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    t = add("train", "Cluster a model with DKM while fine-tuning it, then evaluate and export.")
     t.add_argument("--config", help="YAML config (see configs/). Defaults to the built-in SmolLM2 4-bit setup.")
     t.add_argument("--output-dir", help="Run directory (overrides run.output_dir).")
     t.add_argument("--max-steps", type=int, help="Optimizer steps (overrides optim.max_steps).")
@@ -49,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. dkm.bits=3 optim.lr=1e-4")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="Perplexity of a model on the held-out split of the corpus.")
+    e = add("eval", "Perplexity of a model on the held-out split of the corpus.")
     e.add_argument("--model", required=True,
                    help="An edkm export (.edkm.safetensors), a local HF directory, a .gguf file, or 'smollm2'.")
     e.add_argument("--config", help="YAML config whose data section picks corpus and windows.")
@@ -57,16 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="section.key=value overrides for the data section.")
     e.set_defaults(func=_eval)
 
-    lr = sub.add_parser("lowrank", help="LoRD: decompose a model's linear layers into low-rank factors and save it.")
+    lr = add("lowrank", "LoRD: decompose a model's linear layers into low-rank factors and save it.")
     lr.add_argument("--config", required=True, help="YAML config with model, data and lowrank sections.")
     lr.add_argument("--out", required=True, help="Output directory; `edkm train ... model.source=DIR` clusters it.")
     lr.add_argument("--calib-windows", type=int, default=16, help="Training windows used as calibration data.")
     lr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. lowrank.rank_reduction=0.25")
     lr.set_defaults(func=_lowrank)
 
-    x = sub.add_parser("export", help="Write packed LUT indices + LUTs of a training checkpoint.")
+    x = add("export", "Write packed LUT indices + LUTs of a training checkpoint.")
     x.add_argument("--checkpoint", required=True, help="Run directory or one of its step-* checkpoint directories.")
-    x.add_argument("--out", required=True, help="Output .edkm.safetensors file.")
+    x.add_argument("--out", required=True, help="Output .edkm.safetensors file (its directory is created).")
+    x.add_argument("--which", choices=("best", "latest"), default="best",
+                   help="For a run directory: the checkpoint with the best held-out perplexity (default) or the latest.")
     x.set_defaults(func=_export)
     return p
 
@@ -93,104 +124,54 @@ def _train(args: argparse.Namespace) -> int:
         bar.refresh()
         bar.write(f"step {row['step']:>5} loss {row['loss']:.4f} lr {row['lr']:.2e} tau {row['tau']:.1e} "
                   f"{row['step_s']:.2f}s/step {row['tokens_per_s']:.0f} tok/s "
-                  f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB drift {row['centroid_drift']:.2e}")
+                  f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB drift {row['centroid_drift']:.2e}"
+                  + (f" held-out ppl {row['heldout_ppl']:.3f}" if "heldout_ppl" in row else ""))
 
-    result = train(config, resume=args.resume, on_step=on_step, stop_after=args.stop_after)
-    bar.close()
+    try:
+        result = train(config, resume=args.resume, on_step=on_step, stop_after=args.stop_after)
+    finally:
+        bar.close()
     if not main_rank:
         return 0
     if result.steps < config.optim.max_steps:
         print(f"stopped at step {result.steps}/{config.optim.max_steps}; checkpoint in {result.output_dir}")
         return 0
     print(f"perplexity before: {result.ppl_before:.3f}   after ({config.dkm.bits}-bit DKM): {result.ppl_after:.3f}")
+    if result.rollbacks:
+        print(f"the run rolled back {result.rollbacks} time(s) after divergence (see metrics.jsonl)")
     if result.export_path:
         s = result.sizes
-        print(f"exported {result.export_path}: {s['file'] / 2**20:.1f} MiB "
+        print(f"exported step {result.export_step} to {result.export_path}: {s['file'] / 2**20:.1f} MiB "
               f"(fp16 model: {s['fp16'] / 2**20:.1f} MiB, {s['fp16'] / s['file']:.2f}x smaller)")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from edkm.evaluate import perplexity
-    from edkm.hub.models import load_llama, load_smollm2
-    from edkm.hub.text import build_windows, load_corpus, split_corpus
+    from edkm.train.commands import evaluate_source
     from edkm.train.config import load_config
-    from edkm.hub.tokenizer import ByteTokenizer
 
-    config = load_config(args.config, args.overrides)
-    src = args.model
-    if src.endswith(".safetensors"):
-        from edkm.export import load_compressed
-
-        model = load_compressed(src)
-        tok_src = args.tokenizer or ("bytes" if model.config.vocab_size == 256 else "smollm2")
-        if tok_src == "bytes":
-            tokenizer = ByteTokenizer()
-        elif tok_src == "smollm2":
-            tokenizer = load_smollm2().tokenizer
-        else:
-            tokenizer = load_llama(tok_src).tokenizer
-    elif src == "smollm2":
-        model, tokenizer = load_smollm2()
-    else:
-        model, tokenizer = load_llama(src)
-    d = config.data
-    split = split_corpus(load_corpus(d.corpus, text_key=d.text_key), heldout_fraction=d.heldout_fraction)
-    windows = build_windows(split, tokenizer, d.seq_len, max_train_windows=1,
-                            max_heldout_windows=d.heldout_windows or None)
-    with torch.no_grad():
-        ppl = perplexity(model, windows.heldout)
-    print(json.dumps({"model": src, "perplexity": ppl, "heldout_tokens": windows.heldout.numel()}))
+    print(json.dumps(evaluate_source(args.model, load_config(args.config, args.overrides), args.tokenizer)))
     return 0
 
 
 def _lowrank(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from edkm.lowrank import lowrank_model
-    from edkm.lowrank.persist import save_lowrank
+    from edkm.train.commands import lowrank_run
     from edkm.train.config import load_config
-    from edkm.train.data import load_model_and_windows
 
-    config = load_config(args.config, args.overrides)
-    if config.lowrank is None:
-        raise ValueError(f"{args.config} has no 'lowrank' section; add one or pass lowrank.rank_reduction=0.25")
-    if args.calib_windows < 1:
-        raise ValueError(f"--calib-windows must be >= 1, got {args.calib_windows}")
-    model, windows = load_model_and_windows(config)
-    calib = windows.train[: args.calib_windows]
-    batches = [calib[i : i + config.optim.batch_size] for i in range(0, calib.shape[0], config.optim.batch_size)]
-    report = lowrank_model(model, batches, config.lowrank)
+    report, out = lowrank_run(load_config(args.config, args.overrides), args.out, args.calib_windows)
     print(report.summary())
-    out = save_lowrank(model, dataclasses.asdict(config.model), args.out)
     print(f"wrote {out}; cluster it with: edkm train --config {args.config} model.source={out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from edkm.train.checkpoint import latest_checkpoint, load_checkpoint
-    from edkm.export import export_compressed
-    from edkm.preparation import finalize, prepare
-    from edkm.train.config import TrainConfig
-    from edkm.train.data import load_model
+    from edkm.train.commands import export_checkpoint
 
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = path if (path / "manifest.json").exists() else latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint found in {str(path)!r}")
-    state, manifest = load_checkpoint(ckpt)
-    config = TrainConfig.from_dict(manifest["meta"]["config"])
-    model, _ = load_model(config)
-    prepare(model, config.dkm)
-    model.load_state_dict(state["model"])
-    finalize(model.eval())
-    sizes = export_compressed(model, args.out)
-    print(f"exported {args.out}: {sizes['file'] / 2**20:.2f} MiB (fp16 model {sizes['fp16'] / 2**20:.2f} MiB, "
-          f"{sizes['fp16'] / sizes['file']:.2f}x smaller)")
+    r = export_checkpoint(args.checkpoint, args.out, args.which)
+    score = "not scored" if r["score"] is None else f"held-out ppl {r['score']:.3f}"
+    s = r["sizes"]
+    print(f"exported step {r['step']} ({score}) from {r['checkpoint']} to {r['out']}: {s['file'] / 2**20:.2f} MiB "
+          f"(fp16 model {s['fp16'] / 2**20:.2f} MiB, {s['fp16'] / s['file']:.2f}x smaller)")
     return 0
 
 

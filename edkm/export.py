@@ -7,8 +7,16 @@ File layout (``*.edkm.safetensors``):
                      take 3 bits: 8 codes in 3 bytes), little-endian bit order
     <name>           every other parameter / buffer (norms, unclustered layers) in
                      ``dense_dtype``
-    metadata["edkm"] JSON: format version, the model's LlamaConfig, and per clustered
-                     layer its kind, shape, bits, groups, cluster_dim and tied source
+    metadata["edkm"] JSON: format version, the model's LlamaConfig, per clustered layer
+                     its kind, shape, bits, groups, cluster_dim and tied source, and
+                     ``sha256``: the digest of the tensor payload (`payload_sha256`)
+
+Exports cannot lie: `export_compressed` refuses non-finite values and values outside the
+float16 range when casting to float16 (the error names the tensor and its max |value|),
+writes to a temporary name and renames it into place (a failed write, e.g. a full disk,
+leaves no partial file and says how many bytes were needed), and `load_compressed`
+verifies the digest and names the path on any truncated, corrupt or foreign file.
+Files written before the digest existed load with a warning.
 
 `load_compressed` rebuilds a ``LlamaForCausalLM`` whose clustered layers are `LUTLinear`
 / `LUTEmbedding`: its logits equal the finalized model's when the LUT dtype equals the
@@ -18,8 +26,12 @@ one used at finalize (fp16 LUTs of an fp32 model round the centroids once; pass
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +41,10 @@ from torch import Tensor, nn
 
 from edkm.layers import LUTEmbedding, LUTLinear
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1
+FP16_MAX = 65504.0
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -94,11 +109,11 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
             sizes["fp16"] += 2 * m.weight_shape[0] * m.weight_shape[1]
             seen[id(m.indices)] = name
             tensors[f"{name}.codes"] = pack_codes(m.indices, bits)
-            tensors[f"{name}.lut"] = m.lut.to(lut_dtype or m.lut.dtype).contiguous()
+            tensors[f"{name}.lut"] = _checked(f"{name}.lut", m.lut, lut_dtype)
             sizes["codes"] += tensors[f"{name}.codes"].numel()
             sizes["luts"] += tensors[f"{name}.lut"].numel() * tensors[f"{name}.lut"].element_size()
         if getattr(m, "bias", None) is not None:
-            tensors[f"{name}.bias"] = _dense(m.bias.detach(), dense_dtype)
+            tensors[f"{name}.bias"] = _checked(f"{name}.bias", m.bias.detach(), dense_dtype)
         layers[name] = info
     aliases: dict[str, str] = {}
     by_storage: dict[tuple[int, int], str] = {}
@@ -112,15 +127,67 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
             continue
         if t.numel():
             by_storage[ident] = key
-        tensors[key] = _dense(t, dense_dtype)
+        tensors[key] = _checked(key, t, dense_dtype)
         sizes["fp16"] += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
     from edkm.lowrank.persist import lowrank_units
 
     meta = {"format": FORMAT, "model_config": model.config.to_dict(), "layers": layers, "aliases": aliases,
-            "lowrank_units": lowrank_units(model)}
-    save_file(tensors, str(path), metadata={"edkm": json.dumps(meta)})
+            "lowrank_units": lowrank_units(model), "sha256": payload_sha256(tensors)}
+    _write(tensors, {"edkm": json.dumps(meta)}, Path(path))
     sizes["file"] = Path(path).stat().st_size
     return sizes
+
+
+def payload_sha256(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the tensors in key order: each key, dtype, shape and raw bytes.
+
+    Args:
+        tensors: ``{name: tensor}`` as written to (or read from) the file.
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _write(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    """``save_file`` under a temporary name, then rename: no partial file on failure."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {str(path.parent)!r} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = -1
+        short = "; no space left on the device" if 0 <= free < need else ""
+        raise OSError(f"could not write export {path}: {err} (needs about {need} bytes, {free} bytes free{short})") \
+            from err
+
+
+def _checked(key: str, t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` cast to ``dtype`` (None = keep) after checking it is finite and, for float16,
+    inside its range; the error names the tensor and its max |value|."""
+    if not t.is_floating_point():
+        return t.contiguous()
+    peak = float(torch.linalg.vector_norm(t.detach(), float("inf"))) if t.numel() else 0.0
+    if not math.isfinite(peak):
+        raise ValueError(f"cannot export {key}: it holds non-finite values (max |value| {peak}); "
+                         "the model diverged, export an earlier checkpoint")
+    target = dtype or t.dtype
+    if target == torch.float16 and peak > FP16_MAX:
+        raise ValueError(f"cannot export {key} as float16: max |value| {peak:.4g} exceeds the float16 range "
+                         f"({FP16_MAX:g}); export it as float32 or bfloat16 (lut_dtype / dense_dtype) or retrain")
+    return _dense(t, dtype)
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -138,14 +205,31 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"compressed model {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("edkm")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("edkm")
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"{path} is not a readable safetensors file (truncated, or not an edkm export): {err}") \
+            from err
     if raw is None:
         raise ValueError(f"{path} is not an edkm export (no 'edkm' metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: the 'edkm' metadata is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'edkm' metadata is not a JSON object; not an edkm export")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported edkm export format {meta.get('format')!r} (want {FORMAT})")
-    tensors = load_file(str(path))
+    if not isinstance(meta.get("layers"), dict) or "model_config" not in meta:
+        raise ValueError(f"{path}: the 'edkm' metadata lacks 'layers' / 'model_config'; not an edkm export")
+    want = meta.get("sha256")
+    if want is None:
+        log.warning("%s carries no payload digest (written before digests existed): cannot verify it", path)
+    elif payload_sha256(tensors) != want:
+        raise ValueError(f"{path} is corrupt: its tensor payload does not match the sha256 in its metadata "
+                         f"({want[:12]}...)")
     cfg = dict(meta["model_config"])
     model = LlamaForCausalLM(LlamaConfig.from_dict(cfg)).to(dtype)
     from edkm.lowrank.persist import apply_structure

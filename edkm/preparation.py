@@ -45,6 +45,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parametrized; prepare() was called twice?")
         weight = module.weight
+        if weight.is_meta:
+            raise ValueError(f"layer {name!r} has its weight on the meta device (shape {tuple(weight.shape)}, no "
+                             "values): load the model with real weights (not device_map='meta' / init_empty_weights) "
+                             "before prepare()")
         param = by_weight.get(id(weight))
         if param is None:
             try:
@@ -58,6 +62,13 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         parametrize.register_parametrization(module, "weight", param, unsafe=True)
         chosen += 1
     if chosen == 0:
+        kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
+        small = [(n, m.weight.numel()) for n, m in model.named_modules() if isinstance(m, kinds) and config.selects(n)]
+        if small:
+            name, numel = max(small, key=lambda x: x[1])
+            raise ValueError(f"all {len(small)} layer(s) matching include={config.include} exclude={config.exclude} "
+                             f"have fewer than min_weight_numel={config.min_weight_numel} weights (largest: {name!r} "
+                             f"with {numel}); lower dkm.min_weight_numel")
         raise ValueError(f"no layer matched include={config.include} exclude={config.exclude}")
     unused = sorted(set(importance or {}) - used)
     if unused:

@@ -215,11 +215,22 @@ def _load_kjv(dist_name: str, rel_path: str, license_note: str) -> Corpus:
 
 
 def _read_txt(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                         "is it a binary file?") from err
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def _read_jsonl(path: Path, text_key: str) -> list[str]:
+    try:
+        return _read_jsonl_utf8(path, text_key)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({err.reason}); is it a binary file?") from err
+
+
+def _read_jsonl_utf8(path: Path, text_key: str) -> list[str]:
     docs = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

@@ -1,0 +1,112 @@
+"""What ``edkm eval``, ``edkm export`` and ``edkm lowrank`` do, as library functions.
+
+The CLI parses arguments and calls these (``edkm train`` calls `edkm.train.loop.train`);
+each returns what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edkm.train.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
+from edkm.train.config import ConfigError, TrainConfig
+from edkm.train.data import heldout_windows, load_any_model, load_model, load_model_and_windows
+
+log = logging.getLogger(__name__)
+
+WHICH = ("best", "latest")
+
+
+def evaluate_source(source: str, config: TrainConfig, tokenizer: str | None = None) -> dict[str, Any]:
+    """Held-out perplexity of any model on the corpus of ``config.data``.
+
+    Args:
+        source: An edkm export, ``"smollm2"``, an HF directory or a .gguf file.
+        config: Its ``data`` section picks corpus, window length and window count.
+        tokenizer: Tokenizer of an export (see `edkm.train.data.load_any_model`).
+    Returns:
+        ``{"model", "perplexity", "heldout_tokens"}``.
+    """
+    from edkm.evaluate import perplexity
+
+    model, tok = load_any_model(source, tokenizer)
+    windows = heldout_windows(config, tok)
+    with torch.no_grad():
+        ppl = perplexity(model, windows)
+    return {"model": source, "perplexity": ppl, "heldout_tokens": windows.numel()}
+
+
+def pick_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint directory ``path`` names: itself if it is one, else the run
+    directory's ``best`` (falling back to ``latest`` for runs without scores) or ``latest``.
+
+    Raises:
+        FileNotFoundError naming the path when there is none; ValueError for ``which``.
+    """
+    if which not in WHICH:
+        raise ConfigError(f"which must be one of {WHICH}, got {which!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if (path / "manifest.json").exists():
+        return path
+    ckpt = best_checkpoint(path) if which == "best" else None
+    if ckpt is None:
+        if which == "best":
+            log.info("%s has no scored checkpoint ('best'): taking 'latest'", path)
+        ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint found in {str(path)!r} (no 'latest' file)")
+    return ckpt
+
+
+def export_checkpoint(path: str | Path, out: str | Path, which: str = "best") -> dict[str, Any]:
+    """Finalize a training checkpoint and write its packed export.
+
+    Args:
+        path: A run directory or one of its ``step-*`` checkpoint directories.
+        out: Output ``.edkm.safetensors`` file (its directory is created).
+        which: For a run directory: ``best`` (lowest held-out perplexity) or ``latest``.
+    Returns:
+        ``{"checkpoint", "step", "score", "sizes", "out"}``; ``score`` is the held-out
+        perplexity recorded with the checkpoint (None if it was not scored).
+    """
+    from edkm.preparation import finalize, prepare
+    from edkm.train.steps import export_model
+
+    ckpt = pick_checkpoint(path, which)
+    state, manifest = load_checkpoint(ckpt)
+    config = TrainConfig.from_dict(manifest["meta"]["config"], source=f"{ckpt}/manifest.json")
+    model, _ = load_model(config)
+    prepare(model, config.dkm)
+    model.load_state_dict(state["model"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sizes = export_model(model.eval(), out)
+    return {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"), "sizes": sizes, "out": out}
+
+
+def lowrank_run(config: TrainConfig, out: str | Path, calib_windows: int = 16) -> tuple[Any, Path]:
+    """LoRD: decompose the model's linear layers on ``calib_windows`` training windows and
+    save the result to ``out`` (``edkm train ... model.source=OUT`` clusters it).
+
+    Returns:
+        ``(report, saved directory)``.
+    """
+    from edkm.lowrank import lowrank_model
+    from edkm.lowrank.persist import save_lowrank
+
+    if config.lowrank is None:
+        raise ConfigError("the config has no 'lowrank' section; add one or pass lowrank.rank_reduction=0.25")
+    if calib_windows < 1:
+        raise ConfigError(f"--calib-windows must be >= 1, got {calib_windows}")
+    model, windows = load_model_and_windows(config)
+    calib = windows.train[:calib_windows]
+    bs = config.optim.batch_size
+    report = lowrank_model(model, [calib[i : i + bs] for i in range(0, calib.shape[0], bs)], config.lowrank)
+    return report, save_lowrank(model, dataclasses.asdict(config.model), out)
