@@ -141,6 +141,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"the run rolled back {result.rollbacks} time(s) after divergence (see metrics.jsonl)")
     if result.export_path:
         s = result.sizes
+        if result.export_step != result.steps:
+            print(f"the final model (step {result.steps}) scored worse on held-out text than step "
+                  f"{result.export_step}: exporting step {result.export_step}, the best checkpoint")
         print(f"exported step {result.export_step} to {result.export_path}: {s['file'] / 2**20:.1f} MiB "
               f"(fp16 model: {s['fp16'] / 2**20:.1f} MiB, {s['fp16'] / s['file']:.2f}x smaller)")
     return 0

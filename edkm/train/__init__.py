@@ -1,2 +1,14 @@
-"""The trainer: config tree (`config.py`), model and token windows (`data.py`), the
-training loop (`loop.py`) and crash-safe checkpoints (`checkpoint.py`)."""
+"""The trainer, by job:
+
+    config.py      the config tree (typed YAML parsing, overrides, validation)
+    data.py        model and token windows, data order and micro-batches
+    loop.py        `train`: the loop that calls the steps, checkpoint cadence, rollback
+    steps.py       the named steps: resume, calibrate, prepare, train step, evaluate, export
+    schedule.py    LR and tau schedules (and re-basing the LR on resume / rollback)
+    state.py       the counters and RNG states a checkpoint carries
+    guard.py       the divergence guard (finite loss, gradients, weights; loss spikes)
+    resume.py      which config changes ``--resume`` applies and which it refuses
+    checkpoint.py  crash-safe checkpoints, ``latest`` / ``best``, pruning
+    lock.py        one run per output directory
+    commands.py    what ``edkm eval`` / ``export`` / ``lowrank`` do
+"""

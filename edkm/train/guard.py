@@ -5,8 +5,9 @@ its gradient norm and the model: the loss and the gradient norm must be finite, 
 trainable parameter and every DKM centroid table finite and (for parameters) within
 ``run.max_weight_abs``, and the loss at most ``run.loss_spike`` times the mean of the
 last ``window`` accepted losses. The first failure is returned as a sentence naming the
-value and the first bad layer; the loop then never writes that state (see
-`edkm.train.loop`). The checks cost one max-abs reduction per parameter and one scalar
+value and the first bad layer. A step's loss is measured before its update, so before a
+checkpoint `DivergenceGuard.check_heldout` also vets the held-out score of the weights
+about to be written. The loop never writes a state that fails (see `edkm.train.loop`). The checks cost one max-abs reduction per parameter and one scalar
 read per step.
 """
 
@@ -67,6 +68,22 @@ class DivergenceGuard:
                 return (f"the training loss {loss:.4g} is more than run.loss_spike={self.loss_spike:g} times the mean "
                         f"of the last {len(self.losses)} losses ({mean:.4g})")
         self.losses = (self.losses + [loss])[-self.window :]
+        return None
+
+    def check_heldout(self, ppl: float) -> str | None:
+        """Why a state scored ``ppl`` on held-out text must not be kept, or None.
+
+        The training loss of a step is measured before its update, so the held-out score
+        taken before a checkpoint is what vouches for the weights being written: it must
+        be finite and its loss (``log ppl``) within ``loss_spike`` times the recent mean.
+        """
+        if not math.isfinite(ppl):
+            return f"the held-out perplexity is {ppl}"
+        if self.loss_spike and self.losses:
+            mean, loss = sum(self.losses) / len(self.losses), math.log(ppl)
+            if loss > self.loss_spike * mean:
+                return (f"the held-out loss {loss:.4g} (perplexity {ppl:.4g}) is more than run.loss_spike="
+                        f"{self.loss_spike:g} times the mean of the last {len(self.losses)} training losses ({mean:.4g})")
         return None
 
     def state_dict(self) -> dict[str, Any]:

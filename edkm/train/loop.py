@@ -132,15 +132,16 @@ def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Call
     while ts.step < config.optim.max_steps:
         row, norm, bad_grad = train_step(run, ts)
         done_here += 1
-        reason = guard.check(row["loss"], norm, acc.unwrap_model(model), bad_grad)
-        if _any_process(acc, reason is not None):
-            ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
-            continue
         last = ts.step == config.optim.max_steps or (stop_after is not None and done_here >= stop_after)
         save = bool(config.run.save_every and ts.step % config.run.save_every == 0) or last
         score = math.nan
-        if save or (config.run.eval_every and ts.step % config.run.eval_every == 0):
+        reason = guard.check(row["loss"], norm, acc.unwrap_model(model), bad_grad)
+        if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
             score = row["heldout_ppl"] = evaluate(acc.unwrap_model(model), heldout, acc)
+            reason = guard.check_heldout(score)
+        if _any_process(acc, reason is not None):
+            ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
+            continue
         if ts.step % config.run.log_every == 0 or ts.step == config.optim.max_steps:
             metrics.append(row)
             if acc.is_main_process:

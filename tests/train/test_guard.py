@@ -105,3 +105,12 @@ def test_rollback_gives_up_after_max_rollbacks(tmp_path):
     state, manifest = load_checkpoint(latest_checkpoint(tmp_path))
     assert manifest["step"] == 0  # only the good start state was ever written
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_heldout_score_vets_the_weights_a_checkpoint_would_hold():
+    guard = DivergenceGuard(loss_spike=10.0)
+    assert guard.check_heldout(1e30) is None  # no training loss yet: only the finite check
+    assert guard.check_heldout(math.inf) == "the held-out perplexity is inf"
+    guard.check(2.0, None, _prepared())
+    assert guard.check_heldout(math.exp(19.0)) is None
+    assert guard.check_heldout(math.exp(21.0)).startswith("the held-out loss 21 (perplexity 1.319e+09) is more than")
