@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="Run directory or one of its step-* checkpoint directories.")
     x.add_argument("--out", required=True, help="Output .edkm.safetensors file (its directory is created).")
     x.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="For a run directory: the checkpoint with the best held-out perplexity (default) or the latest.")
+                   help="For a run directory: the best held-out perplexity (default) or the latest checkpoint.")
     x.set_defaults(func=_export)
     return p
 

@@ -76,7 +76,7 @@ def export_checkpoint(path: str | Path, out: str | Path, which: str = "best") ->
         ``{"checkpoint", "step", "score", "sizes", "out"}``; ``score`` is the held-out
         perplexity recorded with the checkpoint (None if it was not scored).
     """
-    from edkm.preparation import finalize, prepare
+    from edkm.preparation import prepare
     from edkm.train.steps import export_model
 
     ckpt = pick_checkpoint(path, which)

@@ -7,8 +7,8 @@ trainable parameter and every DKM centroid table finite and (for parameters) wit
 last ``window`` accepted losses. The first failure is returned as a sentence naming the
 value and the first bad layer. A step's loss is measured before its update, so before a
 checkpoint `DivergenceGuard.check_heldout` also vets the held-out score of the weights
-about to be written. The loop never writes a state that fails (see `edkm.train.loop`). The checks cost one max-abs reduction per parameter and one scalar
-read per step.
+about to be written. The loop never writes a state that fails (see `edkm.train.loop`).
+The checks cost one max-abs reduction per parameter and one scalar read per step.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class DivergenceGuard:
         if not math.isfinite(loss):
             return f"the training loss is {loss}"
         if grad_norm is not None and not math.isfinite(grad_norm):
-            return f"the gradient norm is {grad_norm}" + (f" (first non-finite gradient: {bad_grad})" if bad_grad else "")
+            where = f" (first non-finite gradient: {bad_grad})" if bad_grad else ""
+            return f"the gradient norm is {grad_norm}{where}"
         bad = first_bad_tensor(model, self.max_weight_abs)
         if bad is not None:
             return bad
@@ -83,7 +84,8 @@ class DivergenceGuard:
             mean, loss = sum(self.losses) / len(self.losses), math.log(ppl)
             if loss > self.loss_spike * mean:
                 return (f"the held-out loss {loss:.4g} (perplexity {ppl:.4g}) is more than run.loss_spike="
-                        f"{self.loss_spike:g} times the mean of the last {len(self.losses)} training losses ({mean:.4g})")
+                        f"{self.loss_spike:g} times the mean of the last {len(self.losses)} training losses "
+                        f"({mean:.4g})")
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -96,6 +96,16 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
 
 def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Callable | None,
            stop_after: int | None) -> TrainResult:
+    run, ts, guard, meta = _start(config, acc, out, resume)
+    ts, metrics, score = _steps(run, ts, guard, meta, on_step, stop_after)
+    if ts.step < config.optim.max_steps:  # stopped early (stop_after): checkpointed, not evaluated
+        return TrainResult(meta["ppl_before"], float("nan"), ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
+    return _finish(run, ts, meta["ppl_before"], score, metrics)
+
+
+def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run, TrainState, DivergenceGuard, dict]:
+    """Model, windows, perplexity before, (resume), calibrate, prepare: everything up to
+    the first step. Returns the run, its counters, the guard and the checkpoint meta."""
     seed_all(config.run.seed)
     model, windows = load_model_and_windows(config)
     heldout = windows.heldout[: config.data.heldout_windows or None]
@@ -114,7 +124,8 @@ def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Call
         ts = restore(saved, model, opt, sched, guard)
         _apply_changes(applied, opt, sched, config, ts)
     model, opt = acc.prepare(model, opt)
-    run = Run(config, acc, model, opt, sched, windows, heldout, data_order(windows.train.shape[0], config.run.seed), out)
+    order = data_order(windows.train.shape[0], config.run.seed)
+    run = Run(config, acc, model, opt, sched, windows, heldout, order, out)
     history = (manifest or {}).get("meta", {}).get("resumed", []) + (
         [{"step": ts.step, "applied": {k: list(v) for k, v in applied.items()}}] if resume else [])
     meta = {"config": config.to_dict(), "ppl_before": ppl_before, "world_size": acc.num_processes, "resumed": history}
@@ -125,19 +136,27 @@ def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Call
         if config.run.on_divergence == "rollback" and not resume:  # a good state to roll back to
             save_checkpoint(out, 0, snapshot(acc.unwrap_model(model), opt, sched, ts, guard), meta,
                             keep=config.run.keep_checkpoints)
-    best = _best_score(out) if resume else math.inf
+    return run, ts, guard, meta
+
+
+def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step: Callable | None,
+           stop_after: int | None) -> tuple[TrainState, list[dict[str, Any]], float]:
+    """Optimizer steps until ``max_steps`` (or ``stop_after`` in this process): guard,
+    evaluate, log, checkpoint. Returns the counters, the logged rows and the last score."""
+    config, acc, out = run.config, run.acc, run.out
+    best = _best_score(out)  # inf for a fresh run: _start forgot an earlier run's best
     metrics: list[dict[str, Any]] = []
     done_here, score = 0, math.nan
-    model.train()
+    run.model.train()
     while ts.step < config.optim.max_steps:
         row, norm, bad_grad = train_step(run, ts)
         done_here += 1
         last = ts.step == config.optim.max_steps or (stop_after is not None and done_here >= stop_after)
         save = bool(config.run.save_every and ts.step % config.run.save_every == 0) or last
         score = math.nan
-        reason = guard.check(row["loss"], norm, acc.unwrap_model(model), bad_grad)
+        reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
-            score = row["heldout_ppl"] = evaluate(acc.unwrap_model(model), heldout, acc)
+            score = row["heldout_ppl"] = evaluate(acc.unwrap_model(run.model), run.heldout, acc)
             reason = guard.check_heldout(score)
         if _any_process(acc, reason is not None):
             ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
@@ -149,15 +168,21 @@ def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Call
                     f.write(json.dumps(row) + "\n")
             if on_step:
                 on_step(row)
-        if acc.is_main_process and (save or score < best):
-            save_checkpoint(out, ts.step, snapshot(acc.unwrap_model(model), opt, sched, ts, guard), meta,
+        if acc.is_main_process and (save or score < best):  # a new best at an eval step is kept too
+            save_checkpoint(out, ts.step, snapshot(acc.unwrap_model(run.model), run.opt, run.sched, ts, guard), meta,
                             keep=config.run.keep_checkpoints, score=None if math.isnan(score) else score)
         best = min(best, score) if not math.isnan(score) else best
         acc.wait_for_everyone()
-        if last and ts.step < config.optim.max_steps:
-            return TrainResult(ppl_before, float("nan"), ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
-    model = acc.unwrap_model(model)
-    ppl_after = score if not math.isnan(score) else evaluate(model, heldout, acc)
+        if last:
+            break
+    return ts, metrics, score
+
+
+def _finish(run: Run, ts: TrainState, ppl_before: float, score: float, metrics: list) -> TrainResult:
+    """Perplexity after (the last step's score), export of the best checkpoint, summary."""
+    config, acc, out = run.config, run.acc, run.out
+    model = acc.unwrap_model(run.model)
+    ppl_after = score if not math.isnan(score) else evaluate(model, run.heldout, acc)
     log.info("perplexity after clustering (hard LUT weights): %.3f", ppl_after)
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
     if config.run.export and acc.is_main_process:
@@ -165,7 +190,7 @@ def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Call
         result.export_path = out / "model.edkm.safetensors"
         result.sizes = export_model(model, result.export_path)
     summary = {"ppl_before": ppl_before, "ppl_after": ppl_after, "steps": ts.step, "sizes": result.sizes,
-               "heldout_tokens": heldout.numel(), "export_step": result.export_step, "rollbacks": ts.rollbacks}
+               "heldout_tokens": run.heldout.numel(), "export_step": result.export_step, "rollbacks": ts.rollbacks}
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return result

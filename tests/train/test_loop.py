@@ -16,7 +16,7 @@ import torch
 import edkm
 from edkm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from edkm.export import export_compressed, load_compressed, pack_codes, unpack_codes
-from edkm.train.config import TrainConfig, load_config
+from edkm.train.config import load_config
 from edkm.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
