@@ -66,9 +66,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
         small = [(n, m.weight.numel()) for n, m in model.named_modules() if isinstance(m, kinds) and config.selects(n)]
         if small:
             name, numel = max(small, key=lambda x: x[1])
-            raise ValueError(f"all {len(small)} layer(s) matching include={config.include} exclude={config.exclude} "
-                             f"have fewer than min_weight_numel={config.min_weight_numel} weights (largest: {name!r} "
-                             f"with {numel}); lower dkm.min_weight_numel")
+            raise ValueError(f"no layer matched with enough weights: all {len(small)} layer(s) matching "
+                             f"include={config.include} exclude={config.exclude} have fewer than min_weight_numel="
+                             f"{config.min_weight_numel} weights (largest: {name!r} with {numel}); lower "
+                             "dkm.min_weight_numel")
         raise ValueError(f"no layer matched include={config.include} exclude={config.exclude}")
     unused = sorted(set(importance or {}) - used)
     if unused:

@@ -154,10 +154,9 @@ def test_importance_weighted_training_resumes_exactly(tmp_path):
     want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
     train(load_config(TINY, [f"run.output_dir={tmp_path / 'plain'}", *over[:-1]]))
     unweighted, _ = load_checkpoint(latest_checkpoint(tmp_path / "plain"))
-    weighted = {k for k in want["model"] if k.endswith(".importance")}  # the weighting took part: every
-    clustered = {k for k in want["model"] if k.endswith(".centroids")}  # clustered layer carries it
-    assert len(weighted) == len(clustered) > 0 and not any(k.endswith(".importance") for k in unweighted["model"])
-    assert all(not torch.equal(unweighted["model"][k], want["model"][k]) for k in clustered)
+    centroids = sorted(k for k in want["model"] if k.endswith(".centroids"))
+    same = [k for k in centroids if torch.equal(unweighted["model"][k], want["model"][k])]
+    assert centroids and not same, f"the weighting left these LUTs unchanged: {same}"  # it took part everywhere
     res = _cli("export", "--checkpoint", str(tmp_path / "ref"), "--out", str(tmp_path / "m.safetensors"))
     assert res.returncode == 0, res.stderr  # the checkpoint loads into a model prepared without importance
     cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *over])
