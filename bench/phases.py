@@ -18,8 +18,8 @@ The DKM region is what runs inside a `DKMWeight` forward (the parametrization, m
 its ``nn.Module: DKMWeight`` event or its source frame) and, in backward, every autograd
 node whose forward ran there (linked by the autograd sequence number), with everything
 nested under it (the reentrant replay). Inside the region the phase comes from, first,
-a ``torch.profiler.record_function`` label named in `LABELS` (the durable way: labels
-survive renames of the functional code), else the outermost function frame of
+the outermost ``torch.profiler.record_function`` label named in `LABELS` (the durable
+way: labels survive renames of the functional code), else the outermost function frame of
 edkm/functional (or ``torch.autograd.grad``) named in `FORWARD_FRAMES` /
 `BACKWARD_FRAMES`; unmatched work directly inside the autograd Function's
 forward / backward counts as soft weights / backward replay.
@@ -135,13 +135,14 @@ def classify(events) -> dict[int, str]:
         if root is None:
             out[id(e)] = "model"
             continue
+        region = chain[:root + 1][::-1]  # outermost first
+        phase = next((LABELS[a.name] for a in region if a.name in LABELS), None)
+        if phase is not None:
+            out[id(e)] = phase
+            continue
         frames = BACKWARD_FRAMES if backward else FORWARD_FRAMES
-        phase = None
         inside_fn = False
-        for a in reversed(chain[:root + 1]):  # outermost first
-            if a.name in LABELS:
-                phase = LABELS[a.name]
-                break
+        for a in region:
             f = _frame(a.name)
             if f is None:
                 continue

@@ -78,15 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch.set_num_threads (default: {CPU_THREADS} on CPU; untouched on GPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds, one step of each per round (default 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed interleaved rounds, one step of each per round (default 3; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each model first (default 1)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile one more DKM step and break its DKM share into phases (default on)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny random LLaMA, 1 round, seconds")
     p.add_argument("--out", default=None, help="write the result as one JSON object (one line) to this file")
     args = p.parse_args(argv)
-    if args.quick:
-        args.rounds = 1
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     for name in ("bits", "group_size", "max_iters", "batch_size", "seq_len", "threads", "rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
