@@ -22,7 +22,7 @@ Peak memory (`peak_memory`, growth over what the process held before the call):
   measurement in a fresh interpreter (one case alone, nothing cached) to compare cases.
 
 Rows written by `write_rows` are JSON lines tagged by `env_info`: device, versions of
-torch / triton / coremltools, git commit (and whether the tree was dirty), host, date,
+torch / triton / coremltools / transformers, git commit (and whether the tree was dirty), host, date,
 thread count and the 1-minute load average.
 """
 
@@ -226,6 +226,7 @@ def env_info(device: torch.device) -> dict:
     return {
         "device": device.type, "device_name": device_name(device),
         "torch": torch.__version__, "triton": _version("triton"), "coremltools": _version("coremltools"),
+        "transformers": _version("transformers"),
         "python": platform.python_version(),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": None if status is None else bool(status),

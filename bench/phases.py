@@ -69,6 +69,7 @@ _NODE = "autograd::engine::evaluate_function: "
 TOP_OPS = 3
 
 
+@lru_cache(maxsize=1 << 16)  # event names repeat: a profile of SmolLM2 has ~10^6 events, ~10^3 names
 def _frame(name: str) -> tuple[str, str] | None:
     """``(file, function)`` of a Python-frame event name, or None for other events.
 
@@ -95,6 +96,7 @@ def _source_dirs() -> tuple[str, ...]:
     return tuple(dirs)
 
 
+@lru_cache(maxsize=1 << 16)
 def _is_dkm_weight(name: str) -> bool:
     if name.startswith("nn.Module: DKMWeight"):
         return True
