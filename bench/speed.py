@@ -39,7 +39,7 @@ case measured alone in a fresh interpreter (`bench.harness.peak_memory`).
 CPU runs use one intra-op thread unless --threads says otherwise (the measurement behind
 that is at `CPU_THREADS`).
 
-Limits: one tensor, one LUT, d = 1. On a shared CPU absolute seconds swing with the load
+Limits: one tensor, d = 1. On a shared CPU absolute seconds swing with the load
 (the rows record load1 and threads); compare the ratios of one run.
 
 Usage:
@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.granularity == "per_grouped_channel" and args.size % args.group_size:
         p.error(f"--group-size {args.group_size} does not divide the weight's {args.size} rows")
     if args.size * args.size // groups(args) < 2**args.bits:
-        p.error(f"a LUT group of size {args.size} gets fewer weights than 2**bits = {2**args.bits} centroids")
+        p.error(f"size {args.size} with {groups(args)} LUT group(s) gives {args.size**2 // groups(args)} weights per "
+                f"LUT, fewer than 2**bits = {2**args.bits} centroids")
     return args
 
 
