@@ -24,6 +24,10 @@ edkm/functional (or ``torch.autograd.grad``) named in `FORWARD_FRAMES` /
 `BACKWARD_FRAMES`; unmatched work directly inside the autograd Function's
 forward / backward counts as soft weights / backward replay.
 
+Threads that run no aten op are left out (``idle_threads_s``): the Python tracer records
+every thread, and a helper thread blocked in ``threading.wait`` (seen loading SmolLM2:
+15 s of "self time" in a 15 s step) would otherwise count as work.
+
 Limits: CPU time only (CUDA kernels are not attributed; on GPU this gives the host-side
 launch cost). The Python tracer inflates Python-heavy phases, so compare shares within one
 profile, not profiled seconds with timed ones.
@@ -162,17 +166,23 @@ def classify(events) -> dict[int, str]:
 
 
 def summarize(events) -> dict:
-    """Seconds of self CPU time per phase, aten op counts and the top ops of each phase.
+    """Seconds of self CPU time per phase, aten op counts and the top events of each phase.
 
     Returns:
-        ``{"total_s", "dkm_s", "phases": {phase: {"s", "share_of_dkm", "aten_ops", "top_ops"}}}``;
-        ``share_of_dkm`` is None for ``model``.
+        ``{"total_s", "dkm_s", "idle_threads_s", "phases": {phase: {"s", "share_of_dkm", "aten_ops", "aten_s",
+        "top_ops", "top_other"}}}``: ``aten_s`` is the self time of aten ops alone, ``top_ops``
+        the costliest aten ops and ``top_other`` the costliest other events (Python frames,
+        autograd nodes), as ``[name, seconds]``; ``share_of_dkm`` is None for ``model``.
     """
     events = list(events)
+    working = {e.thread for e in events if e.name.startswith("aten::")}
+    idle = sum(e.self_cpu_time_total for e in events if e.thread not in working) / 1e6
+    events = [e for e in events if e.thread in working]
     phase_of = classify(events)
     secs: dict[str, float] = defaultdict(float)
     nops: dict[str, int] = defaultdict(int)
     ops: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    other: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in events:
         p = phase_of[id(e)]
         s = e.self_cpu_time_total / 1e6
@@ -180,13 +190,17 @@ def summarize(events) -> dict:
         if e.name.startswith("aten::"):
             nops[p] += 1
             ops[p][e.name] += s
+        else:  # Python frames, autograd nodes, profiler work: where time outside ops goes
+            other[p][e.name] += s
     dkm = sum(secs[p] for p in DKM_PHASES)
     phases = {}
     for p in PHASES:
         top = sorted(ops[p].items(), key=lambda kv: -kv[1])[:TOP_OPS]
+        top_other = sorted(other[p].items(), key=lambda kv: -kv[1])[:TOP_OPS]
         phases[p] = {"s": secs[p], "share_of_dkm": (secs[p] / dkm if dkm else 0.0) if p != "model" else None,
-                     "aten_ops": nops[p], "top_ops": [[n, s] for n, s in top]}
-    return {"total_s": sum(secs.values()), "dkm_s": dkm, "phases": phases}
+                     "aten_ops": nops[p], "aten_s": sum(ops[p].values()), "top_ops": [[n, s] for n, s in top],
+                     "top_other": [[n, s] for n, s in top_other]}
+    return {"total_s": sum(secs.values()), "dkm_s": dkm, "idle_threads_s": idle, "phases": phases}
 
 
 def profile_phases(fn: Callable[[], object]) -> dict:
@@ -197,7 +211,7 @@ def profile_phases(fn: Callable[[], object]) -> dict:
 
 
 def phase_rows(summary: dict, dkm_extra_s: float | None = None) -> list[dict]:
-    """Rows for `bench.harness.format_table`: phase, profiled seconds, share, ops, top op.
+    """Rows for `bench.harness.format_table`: phase, profiled seconds (all / in aten ops), share, ops, top op.
 
     Args:
         summary: From `summarize`.
@@ -207,7 +221,7 @@ def phase_rows(summary: dict, dkm_extra_s: float | None = None) -> list[dict]:
     rows = []
     for p, v in summary["phases"].items():
         share = v["share_of_dkm"]
-        rows.append({"phase": p, "profiled_s": v["s"], "share_of_dkm": share,
+        rows.append({"phase": p, "profiled_s": v["s"], "aten_s": v["aten_s"], "share_of_dkm": share,
                      "est_s": share * dkm_extra_s if share is not None and dkm_extra_s is not None else None,
                      "aten_ops": v["aten_ops"], "top_op": v["top_ops"][0][0] if v["top_ops"] else None})
     return rows

@@ -30,6 +30,7 @@ class Ev:
     cpu_parent: "Ev | None" = None
     sequence_nr: int = -1
     self_cpu_time_total: float = 1.0  # microseconds
+    thread: int = 1
     children: list = field(default_factory=list)
 
 
@@ -80,7 +81,8 @@ def test_rules_on_hand_built_events() -> None:
     b[0].sequence_nr = 7  # the Function's backward node carries the forward op's sequence number
     bcases["castbwd"][0][0].sequence_nr = 8
     bcases["mmbwd"][0][0].sequence_nr = 9
-    events = [e for chain, _ in [*cases.values(), *bcases.values()] for e in chain] + b
+    waiting = Ev("threading.py(331): wait", self_cpu_time_total=5.0, thread=2)  # a blocked helper thread
+    events = [e for chain, _ in [*cases.values(), *bcases.values()] for e in chain] + b + [waiting]
     phase = classify(events)
     for name, (chain, want) in {**cases, **bcases}.items():
         assert phase[id(chain[-1])] == want, f"{name}: {chain[-1].name} -> {phase[id(chain[-1])]}, want {want}"
@@ -91,6 +93,7 @@ def test_rules_on_hand_built_events() -> None:
     assert s["phases"]["per-element gradient"]["s"] == pytest.approx(2e-6)
     assert s["phases"]["per-element gradient"]["aten_ops"] == 2
     assert s["dkm_s"] == pytest.approx(12e-6) and s["total_s"] == pytest.approx(14e-6)
+    assert s["idle_threads_s"] == pytest.approx(5e-6)  # a thread that runs no op is not work
     assert sum(s["phases"][p]["share_of_dkm"] for p in DKM_PHASES) == pytest.approx(1.0)
 
 
