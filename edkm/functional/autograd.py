@@ -24,7 +24,9 @@ history; the (G, 65536) pattern -> row map is rebuilt in backward rather than he
 
 Who runs the passes is a `TableOps`: `TORCH_OPS` (the torch implementation in
 `table.py`, the CPU path and the spec) or `edkm.functional.triton_ops()` (the Triton
-kernels, same signatures).
+kernels, same signatures). Each phase runs under a ``torch.profiler.record_function``
+label (``edkm::table_build``, ``edkm::iterations``, ``edkm::soft_weights``,
+``edkm::backward_replay``, ``edkm::element_grad``) that `bench/phases.py` reads.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from edkm.functional import table as tbl
 from edkm.functional.iterations import Reduce
@@ -85,14 +88,17 @@ class _TableDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float, ops: TableOps,
                 reduce: Reduce | None, importance: Tensor | None):
-        table = ops.build(points)
-        index = table.index()
-        U = table.values.shape[1]
+        with record_function("edkm::table_build"):
+            table = ops.build(points)
+            index = table.index()
+            U = table.values.shape[1]
+            mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
         c0 = centroids.detach().to(table.values.dtype, copy=True)  # the caller may update it in place
-        mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
-        c_hist, den_hist = _iterate(ops, table.values, mass, c0, tau, max_iters, eps, reduce)
-        rows = ops.table_rows(table.values, c_hist[:, -2], c_hist[:, -1], tau)  # (G, U, d)
-        out = ops.gather_rows(points, index, rows)
+        with record_function("edkm::iterations"):
+            c_hist, den_hist = _iterate(ops, table.values, mass, c0, tau, max_iters, eps, reduce)
+        with record_function("edkm::soft_weights"):
+            rows = ops.table_rows(table.values, c_hist[:, -2], c_hist[:, -1], tau)  # (G, U, d)
+            out = ops.gather_rows(points, index, rows)
         c_last = c_hist[:, -1].clone()
         ctx.save_for_backward(points, table.values, table.counts, table.keys, mass, c_hist, den_hist)  # via hooks
         # importance: a constant the caller keeps (DKMWeight's buffer); held by reference so
@@ -106,10 +112,13 @@ class _TableDKM(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor, _grad_centroids: Tensor):
         points, values, counts, keys, mass, c_hist, den_hist = ctx.saved_tensors
         ops = ctx.ops
-        index = tbl.Table(values, counts, keys, ctx.bit_pattern).index()
-        seg = ops.segment_sum(points, grad_out, index, values.shape[1])  # (G, U, d)
-        jac, shared = ops.table_bwd(values, mass, seg, c_hist, den_hist, ctx.tau, ctx.reduce)
-        grad_points = ops.element_grad(points, grad_out, index, jac, shared, ctx.importance)
+        with record_function("edkm::table_build"):
+            index = tbl.Table(values, counts, keys, ctx.bit_pattern).index()
+        with record_function("edkm::backward_replay"):
+            seg = ops.segment_sum(points, grad_out, index, values.shape[1])  # (G, U, d)
+            jac, shared = ops.table_bwd(values, mass, seg, c_hist, den_hist, ctx.tau, ctx.reduce)
+        with record_function("edkm::element_grad"):
+            grad_points = ops.element_grad(points, grad_out, index, jac, shared, ctx.importance)
         return grad_points, None, None, None, None, None, None, None
 
 
