@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from edkm.hub.tokenizer import ByteTokenizer
 from edkm.hub.text import TokenWindows, build_windows, load_corpus, split_corpus
+from edkm.hub.tokenizer import ByteTokenizer
 from edkm.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 def load_model(config: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """The model (eval mode, CPU, ``model.dtype``) and its tokenizer."""
     from edkm.hub.models import load_llama, load_smollm2, tiny_llama
-
     from edkm.lowrank.persist import is_lowrank_dir, load_lowrank, read_manifest
     from edkm.train.config import ModelConfig
 

@@ -33,8 +33,15 @@ from typing import Any, Callable
 
 import torch
 
-from edkm.train.checkpoint import (best_checkpoint, latest_checkpoint, load_checkpoint, read_manifest,
-                                   remove_stale_tmp, reset_best, save_checkpoint)
+from edkm.train.checkpoint import (
+    best_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    remove_stale_tmp,
+    reset_best,
+    save_checkpoint,
+)
 from edkm.train.config import TrainConfig
 from edkm.train.data import data_order, load_model_and_windows
 from edkm.train.guard import DivergenceError, DivergenceGuard

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edkm.train.checkpoint import (CheckpointError, best_checkpoint, latest_checkpoint, load_checkpoint,
-                                   read_manifest, save_checkpoint)
+from edkm.train.checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from edkm.train.config import load_config
 from edkm.train.loop import train
 
