@@ -149,6 +149,17 @@ def test_fsdp_refuses_edkm_sharding(one_rank):
         fully_shard_dkm(model)
 
 
+def test_direct_fully_shard_with_edkm_sharding_is_refused_at_forward(one_rank):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(seed=0)
+    edkm.prepare(model, edkm.DKMConfig(**CFG, shard=True))
+    fully_shard(model)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"q_proj' has DKMConfig\(shard=True\) under FSDP2"):
+        model(input_ids=ids, labels=ids)
+
+
 def test_direct_fully_shard_with_importance_buffer_is_refused(one_rank):
     from torch.distributed.fsdp import fully_shard
 
