@@ -58,7 +58,7 @@ def gpu_steps() -> list[Step]:
     return [
         Step("env", ("-c", _ENV_SNIPPET), 20),
         Step("cuda_tests", ("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda or gpu",
-                            "tests/test_offload.py", "tests/kernels/test_kernels.py", "--junitxml={W}/junit.xml"), 90),
+                            "tests/test_offload.py", "tests/kernels/test_kernels.py", "--junitxml={W}/junit.xml"), 80),
         Step("kernels", ("-m", "bench.kernels", "--repeats", "3", "--out", "{W}/kernels.jsonl"), 70),
         Step("speed", ("-m", "bench.speed", "--device", "cuda", "--size", "4096", "--out", "{W}/speed.jsonl"), 40),
         Step("step", ("-m", "bench.step", "--device", "cuda", "--config", "configs/tiny.yaml", "--set",
@@ -67,7 +67,7 @@ def gpu_steps() -> list[Step]:
         Step("ablation", ("-m", "bench.ablation", "--rows", "naive,+orchestration,+uniquification",
                           "--repeats", "2", "--out", "{W}/ablation.json"), 60),
         Step("scale", ("-m", "bench.scale", "--device", "cuda", "--bits", "3", "4", "--cases", "plain", "per_tensor",
-                       "per_grouped_channel", "--timeout", "40", "--out", "{W}/scale-cuda.json"), 80),
+                       "per_grouped_channel", "--timeout", "40", "--out", "{W}/scale-cuda.json"), 90),
         Step("fsdp", ("-m", "bench.gpu_checks", "fsdp", "--device", "cuda", "--out", "{W}/fsdp.json"), 30),
         Step("offload", ("-m", "bench.gpu_checks", "offload", "--device", "cuda", "--out", "{W}/offload.json"), 30),
     ]
