@@ -104,8 +104,9 @@ def _generous(step: Step) -> Step:
 
 _ENV_SNIPPET = (
     "import json, platform, subprocess, torch\n"
-    "try:\n    import triton; tv = triton.__version__\nexcept ImportError:\n    tv = None\n"
-    "smi = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True) if torch.cuda.is_available() else None\n"
+    "try:\n    import triton\n    tv = triton.__version__\nexcept ImportError:\n    tv = None\n"
+    "gpu = torch.cuda.is_available()\n"
+    "smi = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True) if gpu else None\n"
     "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__, 'triton': tv,\n"
     "    'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,\n"
     "    'nvidia_smi': smi.stdout.strip() if smi else None}))\n"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -82,7 +81,10 @@ def _prepare(layer, name: str, bits: int, iters: int) -> None:
             warnings.simplefilter("ignore")
             logging.getLogger("coremltools").setLevel(logging.ERROR)
             from coremltools.optimize.torch.palettization import (
-                DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig)
+                DKMPalettizer,
+                DKMPalettizerConfig,
+                ModuleDKMPalettizerConfig,
+            )
         module_cfg = ModuleDKMPalettizerConfig(n_bits=bits, granularity="per_tensor", kmeans_max_iter=iters,
                                                weight_threshold=0, milestone=0)
         DKMPalettizer(layer, DKMPalettizerConfig(global_config=module_cfg)).prepare(inplace=True)

@@ -62,14 +62,16 @@ def memory_plan(rows: list[dict], dims: dict, scaled_from_quick: bool = False) -
     a_dkm, t_dkm = per_layer(dkm)
     label = f"DKM {dkm['bits']}-bit {dkm['case']}"
     measured = f"A, T of one layer ({label}; {plain.get('memory_method')})"
+    plain_measured = f"A, T of one plain layer ({plain.get('memory_method')})"
     plan = []
 
     def add(setup: str, terms: dict, host: dict | None = None, scaled: str = "32 x A") -> None:
         gpu = sum(terms.values())
+        all_terms = {**terms, **{f"host {k}": v for k, v in (host or {}).items()}}
         plan.append({"setup": setup, "per_gpu_gib": gpu / GIB, "fits_80gb": gpu <= GPU_BYTES,
                      "host_gib": None if host is None else sum(host.values()) / GIB,
-                     "terms": {k: v / GIB for k, v in {**terms, **{f"host {k}": v for k, v in (host or {}).items()}}.items()},
-                     "measured": measured if "DKM" in setup else f"A, T of one plain layer ({plain.get('memory_method')})",
+                     "terms": {k: v / GIB for k, v in all_terms.items()},
+                     "measured": measured if "DKM" in setup else plain_measured,
                      "scaled": scaled, "shape_only": scaled_from_quick})
 
     act = lambda a, t: {"32 x A": LAYERS * a, "T": t, "logits": logits}  # noqa: E731
