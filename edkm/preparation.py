@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
+from edkm.distributed import guard_hook
 from edkm.functional import assign_codes
 from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear
 
@@ -76,6 +77,7 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     if unused:
         raise ValueError(f"importance given for {len(unused)} layer(s) that prepare() did not cluster first "
                          f"(unselected, too small, or a later alias of a tied weight), e.g. {unused[:3]}")
+    model.register_forward_pre_hook(guard_hook)  # refuses FSDP2 misuse at the first forward
     log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
     return model
 

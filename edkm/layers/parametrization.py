@@ -96,6 +96,11 @@ class DKMWeight(nn.Module):
             weight = weight.to(getattr(torch, self.config.cluster_dtype))
         return to_points(weight, self.groups, self.config.cluster_dim)
 
+    def _importance(self) -> Tensor | None:
+        """The (G, N) importance, or None (`edkm.distributed.shard_importance` keeps it as (out, in / d))."""
+        imp = getattr(self, "importance", None)
+        return None if imp is None else imp.reshape(self.groups, -1)
+
     def forward(self, weight: Tensor) -> Tensor:
         cfg, c = self.config, self.centroids
         points = self.points(weight)
@@ -106,7 +111,7 @@ class DKMWeight(nn.Module):
         with offload_saved_tensors() if cfg.offload else contextlib.nullcontext():
             soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps,
                               uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard,
-                              importance=getattr(self, "importance", None))
+                              importance=self._importance())
         with torch.no_grad():
             self.drift.copy_((new_c - c).norm(dim=-1).max())
             self.centroids.copy_(new_c)
