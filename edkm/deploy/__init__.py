@@ -1,0 +1,1 @@
+"""Deployment: Core ML export with edkm's exact LUTs, text generation, HF-style folders."""
