@@ -2,7 +2,8 @@
 
     edkm train  --config configs/NAME.yaml [--output-dir DIR] [--max-steps N] [--resume] [k=v ...]
     edkm eval   --model PATH          perplexity on the held-out split
-    edkm export --checkpoint DIR --out FILE
+    edkm export --checkpoint DIR --out FILE [--format edkm|folder|coreml]
+    edkm generate --model FILE|DIR --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --seed S]
     edkm lowrank --config configs/NAME.yaml --out DIR   (LoRD; train then clusters DIR)
 """
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         if args.debug:
             raise
         print(f"edkm: error: {err}", file=sys.stderr)
@@ -66,9 +67,39 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="Write packed LUT indices + LUTs of a training checkpoint.")
     x.add_argument("--checkpoint", required=True, help="Run directory or one of its step-* checkpoint directories.")
-    x.add_argument("--out", required=True, help="Output .edkm.safetensors file.")
+    x.add_argument("--out", required=True, help="Output .edkm.safetensors file (folder: a directory; coreml: "
+                   "a .mlpackage).")
+    x.add_argument("--format", choices=("edkm", "folder", "coreml"), default="edkm",
+                   help="edkm: packed safetensors; folder: save_pretrained-style folder with config and tokenizer; "
+                   "coreml: stateful Core ML .mlpackage with the exact LUTs (needs the coreml extra). For coreml "
+                   "--checkpoint may also be an .edkm.safetensors export or an edkm folder.")
+    x.add_argument("--prefill-len", type=int, default=64, help="coreml: tokens per prefill call.")
+    x.add_argument("--context", type=int, default=512, help="coreml: KV-cache length.")
     x.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="Generate text from an edkm export (streamed, tokens/s reported).")
+    g.add_argument("--model", required=True, help="An .edkm.safetensors export or an edkm folder (export --format folder).")
+    g.add_argument("--prompt", required=True, help="Text to continue.")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T).")
+    g.add_argument("--top-k", type=int, default=0, help="Sample only among the k most likely tokens (0: all).")
+    g.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    g.add_argument("--tokenizer", help="'bytes', 'smollm2' or an HF directory (default: the folder's own, or by vocab).")
+    g.set_defaults(func=_generate)
     return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from edkm.deploy.folder import load_for_generation
+    from edkm.deploy.generate import generate
+
+    model, tokenizer = load_for_generation(args.model, args.tokenizer)
+    print(args.prompt, end="", flush=True)
+    g = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                 on_text=lambda piece: print(piece, end="", flush=True))
+    print(f"\n[{len(g.ids)} tokens, prompt {g.prompt_tokens} tokens, prefill {g.prefill_s:.2f}s, "
+          f"{g.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -179,15 +210,32 @@ def _export(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if args.format == "coreml" and (path.is_file() or (path / "model.edkm.safetensors").is_file()):
+        from edkm.deploy.coreml import coreml_summary, export_coreml
+        from edkm.export import load_compressed
+
+        print(coreml_summary(export_coreml(load_compressed(path), args.out, args.prefill_len, args.context)))
+        return 0
     ckpt = path if (path / "manifest.json").exists() else latest_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint found in {str(path)!r}")
     state, manifest = load_checkpoint(ckpt)
     config = TrainConfig.from_dict(manifest["meta"]["config"])
-    model, _ = load_model(config)
+    model, tokenizer = load_model(config)
     prepare(model, config.dkm)
     model.load_state_dict(state["model"])
     finalize(model.eval())
+    if args.format == "coreml":
+        from edkm.deploy.coreml import coreml_summary, export_coreml
+
+        print(coreml_summary(export_coreml(model, args.out, args.prefill_len, args.context)))
+        return 0
+    if args.format == "folder":
+        from edkm.deploy.folder import save_folder
+
+        sizes = save_folder(model, tokenizer, args.out)
+        print(f"wrote folder {args.out}: weights {sizes['file'] / 2**20:.2f} MiB")
+        return 0
     sizes = export_compressed(model, args.out)
     print(f"exported {args.out}: {sizes['file'] / 2**20:.2f} MiB (fp16 model {sizes['fp16'] / 2**20:.2f} MiB, "
           f"{sizes['fp16'] / sizes['file']:.2f}x smaller)")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from edkm.layers import LUTEmbedding, LUTLinear
 
 FORMAT = 1
+FOLDER_WEIGHTS = "model.edkm.safetensors"  # the weights file inside a save_pretrained-style folder
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -127,7 +128,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     """Rebuild a ``LlamaForCausalLM`` from `export_compressed` output.
 
     Args:
-        path: The ``.edkm.safetensors`` file.
+        path: The ``.edkm.safetensors`` file, or a folder holding one as ``FOLDER_WEIGHTS``
+            (`edkm.deploy.folder.save_folder`).
         dtype: Compute dtype of dense parameters and LUTs.
     Returns:
         The model in eval mode, clustered layers as `LUTLinear` / `LUTEmbedding`.
@@ -136,6 +138,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
+    if path.is_dir():  # a save_pretrained-style folder (edkm.deploy.folder)
+        path = path / FOLDER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"compressed model {str(path)!r} does not exist")
     with safe_open(str(path), framework="pt") as f:

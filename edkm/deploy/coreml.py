@@ -163,6 +163,13 @@ def export_coreml(model: nn.Module, path: str | Path, prefill_len: int = 64, con
     return info
 
 
+def coreml_summary(info: dict[str, Any]) -> str:
+    """One line describing `export_coreml`'s result (for the CLI)."""
+    bits = sorted(set(info["bits"].values()))
+    return (f"wrote {info['path']}: weight.bin {info['weight_bytes'] / 2**20:.2f} MiB, {info['lut_layers']} LUT "
+            f"weights at {'/'.join(map(str, bits))} bits, functions {', '.join(info['functions'])}")
+
+
 def _convert(ct: Any, graph: StaticLlama, T: int, targets: list[LUTTarget]) -> Any:
     """Trace ``graph`` for T new tokens, convert, put the LUTs in; returns an MLModel."""
     graph.query_len = T

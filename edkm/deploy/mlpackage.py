@@ -90,12 +90,16 @@ class MLPackage:
             pos = data + size + (-(data + size)) % 64
         return out
 
-    def blob(self, ref: BlobRef) -> np.ndarray:
-        """Decode one blob to an ndarray of ``ref.shape`` (sub-byte integers unpacked to uint8)."""
+    def blob_bytes(self, ref: BlobRef) -> np.ndarray:
+        """The stored bytes of one blob (uint8, packed as on disk)."""
         sentinel, _, size, data = struct.unpack_from("<IIQQ", self._raw, ref.offset)
         if sentinel != SENTINEL:
             raise ValueError(f"{self.weight_file}: no blob record at byte {ref.offset}")
-        raw = np.frombuffer(self._raw, np.uint8, count=size, offset=data)
+        return np.frombuffer(self._raw, np.uint8, count=size, offset=data)
+
+    def blob(self, ref: BlobRef) -> np.ndarray:
+        """Decode one blob to an ndarray of ``ref.shape`` (sub-byte integers unpacked to uint8)."""
+        raw = self.blob_bytes(ref)
         numel = int(np.prod(ref.shape))
         if ref.dtype in _FLOATS:
             return raw.view(_FLOATS[ref.dtype]).reshape(ref.shape)
@@ -112,8 +116,8 @@ class MLPackage:
 
         Returns:
             Per op: ``name``, ``bits``, ``indices`` (uint8 array), ``lut`` (G, 1, K, d),
-            ``weight`` (decoded), ``index_bytes`` (stored size) and ``consumers``
-            (types of the ops that read the weight).
+            ``weight`` (decoded), ``index_blob`` / ``lut_blob`` (`BlobRef`), ``index_bytes``
+            (stored size) and ``consumers`` (types of the ops that read the weight).
         """
         ops = self.functions[function]
         readers: dict[str, list[str]] = {}
@@ -132,12 +136,10 @@ class MLPackage:
             if "vector_axis" in op.inputs:
                 axis = int(np.asarray(op.inputs["vector_axis"][0]).reshape(()))
             out.append({"name": op.outputs[0], "bits": int(iref.dtype[4:]), "indices": idx, "lut": lut,
-                        "weight": decode_lut(idx, lut, axis), "index_bytes": self._size(iref),
+                        "weight": decode_lut(idx, lut, axis), "index_blob": iref, "lut_blob": lref,
+                        "index_bytes": self.blob_bytes(iref).size,
                         "consumers": readers.get(op.outputs[0], [])})
         return out
-
-    def _size(self, ref: BlobRef) -> int:
-        return struct.unpack_from("<IIQQ", self._raw, ref.offset)[2]
 
 
 def decode_lut(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None = None) -> np.ndarray:
