@@ -97,7 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
     print(args.prompt, end="", flush=True)
     g = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                  on_text=lambda piece: print(piece, end="", flush=True))
-    print(f"\n[{len(g.ids)} tokens, prompt {g.prompt_tokens} tokens, prefill {g.prefill_s:.2f}s, "
+    print()
+    print(f"[{len(g.ids)} tokens, prompt {g.prompt_tokens} tokens, prefill {g.prefill_s:.2f}s, "
           f"{g.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
