@@ -125,8 +125,10 @@ class StaticLlama(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # (T, head_dim)
         keys = torch.arange(self.context, dtype=position.dtype)
-        allowed = keys[None, :] <= (pos + offsets)[:, None]  # (T, context)
-        mask = torch.where(allowed, 0.0, -1e4)  # -1e4: finite in fp16, exp() underflows to 0
+        future = keys[None, :] > (pos + offsets)[:, None]  # (T, context)
+        # -1e4: finite in fp16, and exp() of it underflows to 0. Arithmetic, not torch.where:
+        # coremltools would store where()'s broadcast (T, context) operands as constants.
+        mask = future.float() * -1e4
         h = F.embedding(input_ids.to(torch.int64), self.embed)  # (1, T, hidden)
         group = self.heads // self.kv_heads
         for i, blk in enumerate(self.blocks):
