@@ -13,9 +13,12 @@ exact fp16 content, so the LUT op replaces exactly the weight the traced graph u
 The package holds two functions sharing one set of weights and a KV-cache state
 ``(layers, 1, kv_heads, context, head_dim)`` fp16 per keys / values: ``prefill``
 (``input_ids`` (1, prefill_len) int32 at ``position`` (1,) int32) and ``decode``
-(``input_ids`` (1, 1)); both return ``logits`` (1, T, vocab) fp16. Prompts shorter than
-``prefill_len`` are fed token by token through ``decode`` (or padded: padded positions are
-overwritten by later writes). Limits: batch 1; fp16 LUTs (an fp32 / bf16 LUT rounds once to
+(``input_ids`` (1, 1)); both return ``logits`` (1, T, vocab) fp16. Each call writes its
+tokens' keys / values at ``position ..`` and attends causally over the cache, so a prompt
+shorter than ``prefill_len`` can be padded (padded slots are overwritten later) or fed
+token by token through ``decode``. Not verified here (no Core ML runtime on Linux):
+whether one ``MLState`` may pass from ``prefill`` to ``decode`` (the state types match);
+running a whole sequence through ``decode`` needs no such sharing. Limits: batch 1; fp16 LUTs (an fp32 / bf16 LUT rounds once to
 fp16, as `edkm.export_compressed` does by default; a warning gives the largest change);
 Core ML takes 1, 2, 3, 4, 6 or 8-bit indices, so 5 / 7-bit LUTs are padded to 6 / 8 bits
 (warned); the package cannot be executed on Linux (no Core ML runtime), see

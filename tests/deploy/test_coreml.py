@@ -154,3 +154,26 @@ def test_missing_coremltools_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'edkm\[coreml\]'"):
         export_coreml(_finalized(3), tmp_path / "m.mlpackage")
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predictions run only on macOS (no runtime on Linux)")
+def test_prediction_matches_torch_on_macos(tmp_path):
+    import coremltools as ct
+
+    model = _finalized(3, granularity="per_grouped_channel")
+    export_coreml(model, tmp_path / "p.mlpackage", prefill_len=4, context=16)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    prefill = ct.models.MLModel(str(tmp_path / "p.mlpackage"), function_name="prefill")
+    decode = ct.models.MLModel(str(tmp_path / "p.mlpackage"), function_name="decode")
+    feed = {"input_ids": ids[:, :4].int().numpy(), "position": np.array([0], np.int32)}
+    got_prefill = prefill.predict(feed, prefill.make_state())["logits"][0].astype(np.float32)
+    state = decode.make_state()
+    got_decode = np.concatenate([decode.predict({"input_ids": ids[:, j : j + 1].int().numpy(),
+                                                 "position": np.array([j], np.int32)}, state)["logits"][0]
+                                 for j in range(6)]).astype(np.float32)
+    # fp16 end to end (weights, activations, KV cache): a few fp16 ulps of the logit scale.
+    atol = 8 * 2**-10 * np.abs(ref).max()
+    np.testing.assert_allclose(got_prefill, ref[:4], atol=atol, rtol=0)
+    np.testing.assert_allclose(got_decode, ref, atol=atol, rtol=0)

@@ -138,3 +138,26 @@ def test_decode_cache_invalidation():
     assert layer._decoded is None and layer.decoded_weight(torch.float32) is not w
     layer.eval()
     assert torch.equal(layer.decoded_weight(torch.float32), w)
+
+
+def test_cli_checkpoint_to_folder_to_generate(tmp_path, capsys):
+    from pathlib import Path
+
+    from edkm.train.checkpoint import save_checkpoint
+    from edkm.train.config import load_config
+    from edkm.train.data import load_model
+
+    # A training checkpoint as `edkm train` writes it (prepared model state + config), without training.
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", [])
+    prepared, _ = load_model(config)
+    edkm.prepare(prepared, config.dkm)
+    save_checkpoint(tmp_path / "run", 1, {"model": prepared.state_dict()}, meta={"config": config.to_dict()})
+    out = tmp_path / "folder"
+    assert main(["--quiet", "export", "--format", "folder", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    model, tok = load_folder(out)
+    assert isinstance(tok, ByteTokenizer) and any(isinstance(m, LUTLinear) for m in model.modules())
+    capsys.readouterr()
+    assert main(["--quiet", "generate", "--model", str(out), "--prompt", "In", "--max-new-tokens", "4",
+                 "--temperature", "0.8", "--top-k", "20", "--seed", "7"]) == 0
+    text = generate(model, tok, "In", max_new_tokens=4, temperature=0.8, top_k=20, seed=7).text
+    assert capsys.readouterr().out == "In" + text + "\n"
