@@ -104,14 +104,25 @@ class StaticLlama(nn.Module):
         self.blocks = nn.ModuleList(_Block(layer, f"model.layers.{i}") for i, layer in enumerate(inner.layers))
         self.norm = nn.Parameter(inner.norm.weight.detach().float().clone())
         self.lm_head = dense_linear(model.lm_head, "lm_head")
-        self.register_buffer("inv_freq", inner.rotary_emb.inv_freq.detach().float().clone())
-        self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
+        # RoPE tables for every cache position, computed in fp32 here: fp16 angles (as Core ML
+        # would compute them) lose ~0.25 rad at positions 256..512.
+        inv_freq = inner.rotary_emb.inv_freq.detach().float()
+        freqs = torch.arange(context, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (context, head_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
+        self.register_buffer("rope_cos", emb.cos() * scale)  # (context, head_dim)
+        self.register_buffer("rope_sin", emb.sin() * scale)
         shape = (len(self.blocks), 1, self.kv_heads, context, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
 
     def _rms(self, x: Tensor, w: Tensor) -> Tensor:
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # x / sqrt(mean(x^2) + eps) computed as y / sqrt(mean(y^2) + eps / s^2) with y = x / s,
+        # s = max|x| per token (>= 1e-3): equal in exact arithmetic, but safe in fp16, where
+        # SmolLM2's residual stream (|x| up to ~2e4, mean(x^2) ~7e5) overflows x^2 (max 65504).
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-3)
+        y = x / s
+        return w * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / s.pow(2)))
 
     def forward(self, input_ids: Tensor, position: Tensor) -> Tensor:
         """Logits (1, T, vocab) for ``input_ids`` (1, T) placed at ``position`` (1,) onwards."""
@@ -120,15 +131,14 @@ class StaticLlama(nn.Module):
         T = self.query_len or input_ids.shape[1]
         pos = position.reshape(())  # 0-d int tensor: a traced, dynamic slice start
         offsets = torch.arange(T, dtype=position.dtype)
-        q_pos = (pos + offsets).float()  # (T,)
-        freqs = q_pos[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # (T, head_dim)
+        q_pos = pos + offsets  # (T,)
+        cos, sin = F.embedding(q_pos, self.rope_cos), F.embedding(q_pos, self.rope_sin)  # (T, head_dim)
+        dt = self.embed.dtype  # compute dtype: float32 for tracing (Core ML then runs fp16)
         keys = torch.arange(self.context, dtype=position.dtype)
-        future = keys[None, :] > (pos + offsets)[:, None]  # (T, context)
+        future = keys[None, :] > q_pos[:, None]  # (T, context)
         # -1e4: finite in fp16, and exp() of it underflows to 0. Arithmetic, not torch.where:
         # coremltools would store where()'s broadcast (T, context) operands as constants.
-        mask = future.float() * -1e4
+        mask = future.to(dt) * -1e4
         h = F.embedding(input_ids.to(torch.int64), self.embed)  # (1, T, hidden)
         group = self.heads // self.kv_heads
         for i, blk in enumerate(self.blocks):
@@ -140,8 +150,8 @@ class StaticLlama(nn.Module):
             k = k * cos + _rotate_half(k, self.head_dim // 2) * sin
             self.k_cache[i : i + 1, :, :, pos : pos + T, :] = k.to(self.k_cache.dtype).unsqueeze(0)
             self.v_cache[i : i + 1, :, :, pos : pos + T, :] = v.to(self.v_cache.dtype).unsqueeze(0)
-            kc = self.k_cache[i].float().repeat_interleave(group, dim=1)  # (1, H, context, D)
-            vc = self.v_cache[i].float().repeat_interleave(group, dim=1)
+            kc = self.k_cache[i].to(dt).repeat_interleave(group, dim=1)  # (1, H, context, D)
+            vc = self.v_cache[i].to(dt).repeat_interleave(group, dim=1)
             att = q @ kc.transpose(-1, -2) / math.sqrt(self.head_dim) + mask  # (1, H, T, context)
             out = att.softmax(-1) @ vc  # (1, H, T, D)
             h = h + blk.o_proj(out.transpose(1, 2).reshape(1, T, self.heads * self.head_dim))

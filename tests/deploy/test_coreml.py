@@ -94,12 +94,15 @@ def test_indices_stored_at_the_trained_bit_width(grouped3):
 def test_only_unclustered_matrix_stored_dense(grouped3):
     """No dense copy of a clustered weight, and no (T, context) constant (e.g. a folded mask)."""
     model, pkg = grouped3
-    embed = model.model.embed_tokens.weight.detach().half().numpy()  # the one unclustered matrix
+    rope = StaticLlama(model, context=32)
+    allowed = [model.model.embed_tokens.weight, rope.rope_cos, rope.rope_sin]  # the unclustered matrices
+    allowed = [t.detach().half().numpy() for t in allowed]
     for fn, ops in pkg.functions.items():
         for op in ops:
             ref = op.inputs.get("val", [None])[0] if op.type == "const" else None
             if hasattr(ref, "offset") and len(ref.shape) >= 2 and int(np.prod(ref.shape)) > 64:
-                assert np.array_equal(pkg.blob(ref), embed), (fn, op.outputs, ref.shape)
+                val = pkg.blob(ref)
+                assert any(a.shape == val.shape and np.array_equal(val, a) for a in allowed), (fn, op.outputs)
 
 
 def test_vector_luts_and_tied_embedding(tmp_path):
@@ -125,6 +128,25 @@ def test_static_graph_matches_hf_prefill_then_decode():
         out = [graph(ids[:, :6], torch.tensor([0]))]
         out += [graph(ids[:, j : j + 1], torch.tensor([j])) for j in range(6, 11)]
     torch.testing.assert_close(torch.cat(out, 1), ref)
+
+
+@pytest.mark.slow
+def test_fp16_graph_keeps_smollm2_next_token_predictions():
+    """Core ML runs the graph in fp16; SmolLM2's residual stream (|x| ~2e4) overflows a naive
+    fp16 RMSNorm (x^2 > 65504). Simulated in torch fp16; measured: top-1 agreement 1.0 and
+    KL 6e-5 with the scaled RMSNorm, 0.02 and 8.4 with the naive one (44-token prompt)."""
+    from edkm.hub.models import load_smollm2
+
+    model, tok = load_smollm2()
+    ids = torch.tensor([tok.encode("In the beginning God created the heaven and the earth. And the earth was "
+                                   "without form, and void; and darkness was upon the face of the deep.")])
+    graph = StaticLlama(model, context=64).half().eval()
+    with torch.no_grad():
+        ref = model(ids).logits[0].log_softmax(-1)
+        got = graph(ids.int(), torch.tensor([0], dtype=torch.int32))[0].float().log_softmax(-1)
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.95 and kl <= 1e-3, (agree, kl)
 
 
 def test_never_finalized_is_a_clear_error(tmp_path):
