@@ -194,7 +194,9 @@ def _convert(ct: Any, graph: StaticLlama, T: int, targets: list[LUTTarget]) -> A
     prog = ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name="logits", dtype=np.float16)],
                       states=states, convert_to="milinternal", **common)
     place_luts(prog, targets)
-    return ct.convert(prog, convert_to="mlprogram", skip_model_load=True, **common)
+    # The main pass pipeline already ran on `prog`; only the backend passes run again.
+    return ct.convert(prog, convert_to="mlprogram", skip_model_load=True, pass_pipeline=ct.PassPipeline.EMPTY,
+                      **common)
 
 
 def place_luts(prog: Any, targets: list[LUTTarget]) -> int:
