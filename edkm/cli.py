@@ -212,10 +212,10 @@ def _export(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if args.format == "coreml" and (path.is_file() or (path / "model.edkm.safetensors").is_file()):
-        from edkm.deploy.coreml import coreml_summary, export_coreml
+        from edkm.deploy.formats import write_format
         from edkm.export import load_compressed
 
-        print(coreml_summary(export_coreml(load_compressed(path), args.out, args.prefill_len, args.context)))
+        print(write_format(load_compressed(path), None, "coreml", args.out, args.prefill_len, args.context))
         return 0
     ckpt = path if (path / "manifest.json").exists() else latest_checkpoint(path)
     if ckpt is None:
@@ -226,16 +226,10 @@ def _export(args: argparse.Namespace) -> int:
     prepare(model, config.dkm)
     model.load_state_dict(state["model"])
     finalize(model.eval())
-    if args.format == "coreml":
-        from edkm.deploy.coreml import coreml_summary, export_coreml
+    if args.format != "edkm":
+        from edkm.deploy.formats import write_format
 
-        print(coreml_summary(export_coreml(model, args.out, args.prefill_len, args.context)))
-        return 0
-    if args.format == "folder":
-        from edkm.deploy.folder import save_folder
-
-        sizes = save_folder(model, tokenizer, args.out)
-        print(f"wrote folder {args.out}: weights {sizes['file'] / 2**20:.2f} MiB")
+        print(write_format(model, tokenizer, args.format, args.out, args.prefill_len, args.context))
         return 0
     sizes = export_compressed(model, args.out)
     print(f"exported {args.out}: {sizes['file'] / 2**20:.2f} MiB (fp16 model {sizes['fp16'] / 2**20:.2f} MiB, "

@@ -101,6 +101,10 @@ def test_generate_errors(folder):
         list(generate_ids(model, [], 3))
     with pytest.raises(FileNotFoundError, match="not an edkm folder"):
         load_folder(folder.parent)
+    from edkm.deploy.formats import write_format
+
+    with pytest.raises(ValueError, match="unknown deployment format 'onnx'"):
+        write_format(model, None, "onnx", folder.parent / "x")
 
 
 # ----------------------------------------------------------------------------- decode cache
