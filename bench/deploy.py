@@ -9,7 +9,8 @@ Sections:
 
 - ``sizes``: per bit width, bytes of the Core ML ``weight.bin`` (`edkm.export_coreml`,
   prefill + decode functions sharing weights), the ``.edkm.safetensors`` export and all
-  weights as fp16.
+  weights as fp16; ``identical_to_safetensors`` counts LUT ops (per function) whose stored
+  index bytes and LUT equal the safetensors export's byte for byte.
 - ``generate``: greedy generation of ``--new-tokens`` tokens: the float model vs
   `edkm.load_compressed` of the 4-bit export with `LUTLinear`'s decode cache on and off,
   timed interleaved (`bench.harness`); tokens/s = new tokens / median run time (prefill
@@ -61,8 +62,39 @@ def sizes(name: str, root: Path, context: int) -> list[dict]:
         info = edkm.export_coreml(model, root / f"{bits}bit.mlpackage", prefill_len=64, context=context)
         rows.append({"section": "sizes", "bits": bits, "coreml_weight_bytes": info["weight_bytes"],
                      "edkm_safetensors_bytes": st["file"], "fp16_bytes": st["fp16"],
-                     "fp16_over_coreml": st["fp16"] / info["weight_bytes"]})
+                     "fp16_over_coreml": st["fp16"] / info["weight_bytes"], "lut_layers": info["lut_layers"],
+                     "identical_to_safetensors": _identical(root / f"{bits}bit.mlpackage",
+                                                            root / f"{bits}bit.edkm.safetensors")})
     return rows
+
+
+def _identical(package: Path, safetensors: Path) -> str:
+    """``"n/N"``: LUT ops (over all functions) whose index bytes and LUT equal the safetensors export's."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from edkm.deploy.coreml import lut_op_name
+    from edkm.deploy.mlpackage import MLPackage
+
+    pkg, same, total = MLPackage(package), 0, 0
+    with safe_open(str(safetensors), "pt") as f:
+        layers = json.loads(f.metadata()["edkm"])["layers"]
+        for ops in pkg.functions.values():
+            by_name = {op.outputs[0]: op for op in ops if op.type == "constexpr_lut_to_dense"}
+            for name, meta in layers.items():
+                if "tied_to" in meta:
+                    continue
+                total += 1
+                op = by_name.get(lut_op_name(name))
+                if op is None:
+                    continue
+                codes = pkg.blob_bytes(op.inputs["indices"][0])
+                lut = pkg.blob(op.inputs["lut"][0])[:, 0, : meta["clusters"]]  # (G, K, d)
+                same += int(np.array_equal(codes, f.get_tensor(f"{name}.codes").numpy())
+                            and np.array_equal(lut.view(np.uint16), f.get_tensor(f"{name}.lut").numpy().view(np.uint16)))
+    return f"{same}/{total}"
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
@@ -133,7 +165,8 @@ def main() -> None:
         if "sizes" in sections:
             rows += sizes(args.model, root, args.context)
             print(format_table([r for r in rows if r["section"] == "sizes"],
-                               ["bits", "coreml_weight_bytes", "edkm_safetensors_bytes", "fp16_bytes", "fp16_over_coreml"]))
+                               ["bits", "coreml_weight_bytes", "edkm_safetensors_bytes", "fp16_bytes", "fp16_over_coreml",
+                                "identical_to_safetensors"]))
         if "generate" in sections:
             g = generation(args.model, root, args.new_tokens, args.repeats)
             rows += g
