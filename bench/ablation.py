@@ -4,7 +4,9 @@ Workload: one LLaMA-7B attention block -- q, k, v, o, each a 4096 x 4096 bf16 we
 clustered to 3 bits (K = 8, tau = 1e-4, 3 iterations), forward of all four then one
 backward of the four soft weights with fixed random upstream gradients G_l. ``--small`` scales every
 matrix down to 1024 x 1024 (16x fewer weights) so the naive row fits a CPU run, and says
-so in its output.
+so in its output. One LUT per matrix by default; ``--granularity per_grouped_channel
+--group-size 16`` gives one LUT per 16 output rows in every row of the table (coremltools
+configured the same way: its ``per_grouped_channel`` with that ``group_size``).
 
 Rows:
     naive               plain autograd DKM, (N, K) maps saved per iteration
@@ -26,6 +28,7 @@ row shows rank 0's numbers (every rank holds the same share). On a CPU-only mach
 columns still separate what the technique moved.
 
     python -m bench.ablation --small [--ranks 2] [--out results.jsonl]
+    python -m bench.ablation --small --granularity per_grouped_channel --group-size 16
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import env_info, format_table, peak_memory, run_isolated, write_rows  # noqa: E402
+from edkm.config import GRANULARITIES  # noqa: E402
 
 ROWS = {
     "naive": dict(uniquify=False, offload=False, shard=False),
@@ -52,6 +56,16 @@ ROWS = {
     "all": dict(uniquify=True, offload=True, shard=True),
 }
 BITS, TAU, ITERS = 3, 1e-4, 3
+WARMUP_ROWS = 64  # rows of each matrix in the untimed warm-up step (rounded to whole LUT groups)
+
+
+def lut_groups(size: int, group_size: int | None) -> int:
+    """LUT groups of one (size, size) matrix: 1 per tensor (``group_size`` None), else size / group_size."""
+    if group_size is None:
+        return 1
+    if group_size < 1 or size % group_size:
+        raise ValueError(f"group_size {group_size!r} must be >= 1 and divide the matrix side {size}")
+    return size // group_size
 
 
 def _weights(size: int, device: torch.device):
@@ -64,6 +78,7 @@ def _weights(size: int, device: torch.device):
 
 
 def _step(ws, gs, c0s, technique: dict, stats_out: dict | None) -> None:
+    """Forward of every weight (as c0's G groups of points), then one backward with ``gs``."""
     from edkm import dkm, offload_saved_tensors
 
     device = ws[0].device
@@ -73,26 +88,29 @@ def _step(ws, gs, c0s, technique: dict, stats_out: dict | None) -> None:
     outs = []
     with ctx as stats:
         for w, c0 in zip(ws, c0s):
-            out, _ = dkm(w.view(-1, 1), c0, tau=TAU, max_iters=ITERS, uniquify=technique["uniquify"],
-                         shard=technique["shard"], backend="torch")
-            outs.append(out)
+            out, _ = dkm(w.view(c0.shape[0], -1, 1), c0, tau=TAU, max_iters=ITERS, uniquify=technique["uniquify"],
+                         shard=technique["shard"], backend="torch")  # (G, N / G, 1)
+            outs.append(out.view_as(w))
     if stats_out is not None:
         snap = stats.to_dict()
         host = snap["bytes_copied"]["to_offload"]
         held = snap["bytes_held"].get(str(device) if device.type != "cuda" else f"cuda:{device.index or 0}", 0)
         stats_out.update(device_bytes=held - (host if device.type == "cpu" else 0), host_bytes=host,
                          offload_summary=snap)
-    torch.autograd.backward(outs, [g.view(-1, 1) for g in gs])  # no loss graph: only DKM saves tensors
+    torch.autograd.backward(outs, gs)  # no loss graph: only DKM saves tensors
 
 
-def measure(technique: dict, size: int, device: torch.device, repeats: int) -> dict:
+def measure(technique: dict, size: int, device: torch.device, repeats: int, group_size: int | None = None) -> dict:
     """One row in this process (or this rank): bytes held for backward, peak, seconds."""
     from edkm import kmeans_init
 
+    G = lut_groups(size, group_size)
     ws, gs = _weights(size, device)
-    c0s = [kmeans_init(w.detach().view(1, -1, 1), 2**BITS)[0] for w in ws]
-    small = [w.detach()[:64].clone().requires_grad_(True) for w in ws]  # warm-up: lazy init, kernels
-    _step(small, [g[:64] for g in gs], c0s, technique, None)
+    c0s = [kmeans_init(w.detach().view(G, -1, 1), 2**BITS) for w in ws]  # (G, K, 1)
+    g_small = max(1, G * WARMUP_ROWS // size)  # whole groups of rows for the warm-up
+    rows = g_small * (size // G)
+    small = [w.detach()[:rows].clone().requires_grad_(True) for w in ws]  # warm-up: lazy init, kernels
+    _step(small, [g[:rows] for g in gs], [c[:g_small] for c in c0s], technique, None)
     row: dict = {}
     row.update(peak_memory(lambda: _step(ws, gs, c0s, technique, row), device))
     times = []
@@ -111,32 +129,33 @@ def measure(technique: dict, size: int, device: torch.device, repeats: int) -> d
     return row
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, technique: dict, size: int, repeats: int) -> None:
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, technique: dict, size: int, repeats: int,
+               group_size: int | None) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
-        row = measure(technique, size, torch.device("cpu"), repeats)
+        row = measure(technique, size, torch.device("cpu"), repeats, group_size)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(row))
     finally:
         dist.destroy_process_group()
 
 
-def run_case(name: str, size: int, ranks: int, repeats: int) -> dict:
-    """Measure one row (called in a fresh interpreter by `main`)."""
+def run_case(name: str, size: int, ranks: int, repeats: int, group_size: int | None = None) -> dict:
+    """Measure one row (called in a fresh interpreter by `main`); ``group_size`` None = one LUT per matrix."""
     if name == "coremltools":
-        return _coremltools_row(size, repeats)
+        return _coremltools_row(size, repeats, group_size)
     technique = ROWS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not technique["shard"]:
-        return measure(technique, size, device, repeats)
+        return measure(technique, size, device, repeats, group_size)
     if device.type == "cuda":
         return {"error": "sharding rows run gloo ranks on CPU; launch under torchrun for NCCL (not wired yet)"}
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank_main, args=(ranks, os.path.join(tmp, "init"), tmp, technique, size, repeats),
+        mp.spawn(_rank_main, args=(ranks, os.path.join(tmp, "init"), tmp, technique, size, repeats, group_size),
                  nprocs=ranks, join=True)
         rows = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(ranks)]
     row = rows[0]
@@ -144,17 +163,20 @@ def run_case(name: str, size: int, ranks: int, repeats: int) -> dict:
     return row
 
 
-def _coremltools_row(size: int, repeats: int) -> dict:
+def _coremltools_row(size: int, repeats: int, group_size: int | None = None) -> dict:
     """coremltools' DKMPalettizer on the same four weights, counted by the same tracker."""
     from bench.speed import coreml_case
     from edkm import kmeans_init, offload_saved_tensors
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = argparse.Namespace(bits=BITS, iters=ITERS, tau=TAU, size=size)
+    G = lut_groups(size, group_size)
+    args = argparse.Namespace(bits=BITS, iters=ITERS, tau=TAU, size=size, coreml_batch=False,
+                              granularity="per_tensor" if group_size is None else "per_grouped_channel",
+                              group_size=group_size or 16)
     ws, gs = _weights(size, device)
     forwards = []
     for w in ws:
-        c0 = kmeans_init(w.detach().view(1, -1, 1), 2**BITS)[0].float()
+        c0 = kmeans_init(w.detach().view(G, -1, 1), 2**BITS).float()  # (G, K, 1)
         case, forward = coreml_case(w.detach(), gs[0], c0, args)
         if forward is None:
             return {"error": case.skip}
@@ -187,23 +209,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=2, help="Data-parallel ranks for the sharding rows (gloo on CPU).")
     p.add_argument("--repeats", type=int, default=3, help="Timed forward+backward repeats per row (median).")
     p.add_argument("--rows", default=",".join([*ROWS, "coremltools"]), help="Comma-separated rows to run.")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
+                   help="One LUT per matrix (default) or one per --group-size output rows, in every row.")
+    p.add_argument("--group-size", type=int, default=16, help="Output rows per LUT with per_grouped_channel (default 16).")
     p.add_argument("--out", help="Write the rows as JSON (a list) to this file.")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = p.parse_args(argv)
     size = args.size or (1024 if args.small else 4096)
+    group_size = args.group_size if args.granularity == "per_grouped_channel" else None
+    try:
+        G = lut_groups(size, group_size)
+    except ValueError as e:
+        p.error(f"--group-size: {e}")
     if args.case:
-        print(json.dumps(run_case(args.case, size, args.ranks, args.repeats)))
+        print(json.dumps(run_case(args.case, size, args.ranks, args.repeats, group_size)))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scaled = size != 4096
-    print(f"eDKM ablation: 4 x {size}x{size} bf16 weights, {BITS}-bit, tau {TAU}, {ITERS} iterations, "
+    lut = "one LUT each" if G == 1 else f"{G} LUTs of {group_size} rows each"
+    print(f"eDKM ablation: 4 x {size}x{size} bf16 weights, {lut}, {BITS}-bit, tau {TAU}, {ITERS} iterations, "
           f"{args.ranks} ranks, on {device.type}" + (" (SCALED DOWN from 4096x4096)" if scaled else ""), flush=True)
     rows = []
     for name in args.rows.split(","):
         if name not in ROWS and name != "coremltools":
             p.error(f"unknown row {name!r}; choose from {list(ROWS) + ['coremltools']}")
         res = run_isolated(["-m", "bench.ablation", "--case", name, "--size", str(size), "--ranks", str(args.ranks),
-                            "--repeats", str(args.repeats)], timeout_s=3600)
+                            "--repeats", str(args.repeats), "--granularity", args.granularity,
+                            "--group-size", str(args.group_size)], timeout_s=3600)
         res["technique"] = name
         rows.append(res)
         print(f"  {name}: {res.get('error') or 'done'}", flush=True)
@@ -217,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, ["technique", "device_mib", "host_mib", "peak_mib", "seconds", "reduction", "error"]))
     if args.out:
         env = env_info(device)
-        meta = {"shapes": [[size, size]] * 4, "bits": BITS, "ranks": args.ranks, "scaled_down": scaled, **env}
+        meta = {"shapes": [[size, size]] * 4, "bits": BITS, "ranks": args.ranks, "scaled_down": scaled,
+                "granularity": args.granularity, "group_size": group_size, "lut_groups": G, **env}
         payload = [{**{k: r.get(k) for k in ("technique", "device_bytes", "host_bytes", "peak_bytes", "seconds",
                                              "reduction", "error")}, **meta} for r in rows]
         Path(args.out).write_text(json.dumps(payload, indent=1, default=str))

@@ -7,7 +7,10 @@ result, absolute seconds only context.
 
 Timing per sample:
 - CUDA: `triton.testing.do_bench` (its own warm-up, L2 flush, CUDA events; the sample is
-  its median over ``rep_ms``), or CUDA events with synchronisation when Triton is missing.
+  its median over ``rep_ms``), or CUDA events with synchronisation when Triton is missing
+  or the caller asks for one call per sample (``single=True``: a call with side effects
+  such as a whole training step, which do_bench would repeat a data-dependent number of
+  times).
 - CPU: `time.perf_counter` around one call (CPU ops are synchronous).
 
 Peak memory (`peak_memory`, growth over what the process held before the call):
@@ -19,7 +22,7 @@ Peak memory (`peak_memory`, growth over what the process held before the call):
   measurement in a fresh interpreter (one case alone, nothing cached) to compare cases.
 
 Rows written by `write_rows` are JSON lines tagged by `env_info`: device, versions of
-torch / triton / coremltools, git commit (and whether the tree was dirty), host, date,
+torch / triton / coremltools / transformers, git commit (and whether the tree was dirty), host, date,
 thread count and the 1-minute load average.
 """
 
@@ -71,13 +74,22 @@ class Case:
         return {"median_s": statistics.median(self.times_s), "min_s": min(self.times_s), "n": len(self.times_s)}
 
 
-def time_call(fn: Callable[[], object], device: torch.device, rep_ms: int = 50) -> float:
-    """Seconds for one sample of ``fn`` on ``device`` (see the module header for how)."""
+def time_call(fn: Callable[[], object], device: torch.device, rep_ms: int = 50, single: bool = False) -> float:
+    """Seconds for one sample of ``fn`` on ``device`` (see the module header for how).
+
+    Args:
+        fn: The measured work.
+        device: Where it runs (picks the timer).
+        rep_ms: do_bench's measuring time per sample on CUDA.
+        single: Exactly one call per sample (CUDA events around it) instead of do_bench.
+    """
     if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
+        do_bench = None
+        if not single:
+            try:
+                from triton.testing import do_bench
+            except ImportError:
+                pass
         if do_bench is not None:
             return do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,7 +104,8 @@ def time_call(fn: Callable[[], object], device: torch.device, rep_ms: int = 50) 
     return time.perf_counter() - t0
 
 
-def run_interleaved(cases: Sequence[Case], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> None:
+def run_interleaved(cases: Sequence[Case], device: torch.device, *, warmup: int = 1, repeats: int = 5,
+                    single: bool = False) -> None:
     """Warm every case up, then time them round-robin, rotating the order each round.
 
     A case whose ``fn`` raises (in warm-up or later) is marked skipped with the error as
@@ -103,6 +116,7 @@ def run_interleaved(cases: Sequence[Case], device: torch.device, *, warmup: int 
         device: Where the work runs (picks the timer).
         warmup: Untimed calls per case before the first round.
         repeats: Timed rounds; every case gets one sample per round.
+        single: One call per sample on CUDA (see `time_call`).
     """
     live = [c for c in cases if c.skip is None and c.fn is not None]
     for c in live:
@@ -116,7 +130,7 @@ def run_interleaved(cases: Sequence[Case], device: torch.device, *, warmup: int 
         k = r % max(1, len(live))
         for c in live[k:] + live[:k]:
             try:
-                c.times_s.append(time_call(c.fn, device))
+                c.times_s.append(time_call(c.fn, device, single=single))
             except Exception as e:
                 c.skip = f"failed while timed: {type(e).__name__}: {e}"
 
@@ -212,6 +226,7 @@ def env_info(device: torch.device) -> dict:
     return {
         "device": device.type, "device_name": device_name(device),
         "torch": torch.__version__, "triton": _version("triton"), "coremltools": _version("coremltools"),
+        "transformers": _version("transformers"),
         "python": platform.python_version(),
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": None if status is None else bool(status),

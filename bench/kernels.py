@@ -9,7 +9,7 @@ LUT per tensor, bf16 weights, tau 1e-4, 3 iterations, the cases are:
 - one case per kernel, ``triton_x`` next to its torch twin ``torch_x``, on the same inputs.
 
 Bytes model (what a pass must move per weight; table lookups hit L1/L2 and are not
-counted): histogram reads the 2 B pattern; gather reads 2 B, writes 2 B; segment sum reads
+counted): build (histogram) reads the 2 B pattern; gather reads 2 B, writes 2 B; segment sum reads
 2 B pattern + 2 B gradient; element grad reads 2 B + 2 B, writes 2 B; assign_pack reads
 2 B, writes bits/8 B. A whole forward+backward is then at least 2 + 4 + 4 + 6 = 16 B per
 weight. ``gbps`` = bytes / median time; ``pct_copy`` compares it with the bandwidth of a
@@ -38,8 +38,7 @@ if __package__ in (None, ""):  # run as `python bench/kernels.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Case, env_info, format_table, peak_memory, run_interleaved, time_call, write_rows
-from edkm.functional import dkm, kmeans_init, twins
-from edkm.functional import table as tbl
+from edkm.functional import dkm, kmeans_init
 
 COLUMNS = ["shape", "bits", "case", "median_s", "min_s", "bytes_per_weight", "gbps", "pct_copy", "speedup_vs_torch",
            "speedup_vs_naive", "peak_mb", "status"]
@@ -96,33 +95,38 @@ def dkm_cases(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, naive: bool) -
 
 
 def kernel_cases(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, bits: int) -> list[Case]:
-    """Every Triton kernel and its torch twin on the same inputs (w, g as (1, N))."""
-    from edkm import kernels
+    """Every table pass through the Triton kernels and through torch (`edkm.functional.table`),
+    on the same inputs (w, g as (1, N, 1)), with the signatures the autograd Function calls."""
+    from edkm.functional import assign_codes, triton_ops
+    from edkm.functional.autograd import TORCH_OPS
 
-    x, gx = w.detach().view(1, -1), g.view(1, -1)
-    table = tbl.table_from_histogram(kernels.triton_histogram(x), x.dtype)
-    v, n, rowmap = table.values[..., 0], table.counts, tbl.pattern_rowmap(table.patterns)
-    c = c0.view(1, -1)
-    c_hist, den_hist = kernels.triton_table_iterate(v, n, c, TAU, ITERS)
-    rows = kernels.triton_table_rows(v, c_hist[:, -2], c_hist[:, -1], TAU)
-    seg = kernels.triton_segment_sum(x, gx, rowmap, v.shape[1])
-    jac, shared = kernels.triton_table_bwd(v, n, seg, c_hist, den_hist, TAU)
+    x, gx = w.detach().view(1, -1, 1), g.view(1, -1, 1)
+    tri = triton_ops()
+    table = tri.build(x)
+    v, n, index = table.values, table.counts, table.index()
+    c = c0.view(1, -1, 1)
+    c_hist, den_hist = tri.table_iterate(v, n, c, TAU, ITERS)
+    rows = tri.table_rows(v, c_hist[:, -2], c_hist[:, -1], TAU)
+    seg = tri.segment_sum(x, gx, index, v.shape[1])
+    jac, shared = tri.table_bwd(v, n, seg, c_hist, den_hist, TAU)
     calls = {
-        "histogram": ((x,), 2.0),
-        "gather_rows": ((x, rowmap, rows), 4.0),
-        "segment_sum": ((x, gx, rowmap, v.shape[1]), 4.0),
-        "element_grad": ((x, gx, rowmap, jac, shared), 6.0),
-        "assign_pack": ((x, c, bits), 2.0 + bits / 8),
+        "build": ((x,), 2.0),
+        "gather_rows": ((x, index, rows), 4.0),
+        "segment_sum": ((x, gx, index, v.shape[1]), 4.0),
+        "element_grad": ((x, gx, index, jac, shared), 6.0),
         "table_iterate": ((v, n, c, TAU, ITERS), None),
         "table_rows": ((v, c_hist[:, -2], c_hist[:, -1], TAU), None),
         "table_bwd": ((v, n, seg, c_hist, den_hist, TAU), None),
     }
     cases = []
     for name, (call_args, nbytes) in calls.items():
-        for impl, mod in (("triton", kernels), ("torch", twins)):
-            fn = getattr(mod, f"{impl}_{name}")
+        for impl, ops in (("triton", tri), ("torch", TORCH_OPS)):
+            fn = getattr(ops, name)
             cases.append(Case(f"{impl}_{name}", lambda fn=fn, a=call_args: fn(*a),
                               info={"bytes_per_weight": nbytes, "table_rows": v.shape[1]}))
+    for impl in ("triton", "torch"):
+        cases.append(Case(f"{impl}_assign_pack", lambda impl=impl: assign_codes(x, c, bits, backend=impl),
+                          info={"bytes_per_weight": 2.0 + bits / 8, "table_rows": v.shape[1]}))
     return cases
 
 

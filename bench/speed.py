@@ -4,8 +4,10 @@ What is timed, for every case, is the clustering alone, forward and backward:
 
     W (size x size, --dtype) -> W~ = DKM(W)  -> loss = (W~ * G).sum()  -> dL/dW
 
-with a fixed random fp32 G, K = 2**bits centroids, --iters iterations, tau = --tau, one
-LUT per tensor, and the same starting centroids C0 (hard k-means of W) in every case. No
+with a fixed random fp32 G, K = 2**bits centroids, --iters iterations, tau = --tau, and
+the same starting centroids C0 (hard k-means of W, per LUT) in every case. One LUT per
+tensor by default; ``--granularity per_grouped_channel --group-size 16`` gives one LUT per
+16 output rows (the presets' setting), W viewed as (size / 16, 16 * size, 1) points. No
 matmul with activations is included. The cases:
 
 - ``edkm``: `edkm.functional.dkm(uniquify=True)`, the exact table path.
@@ -13,12 +15,16 @@ matmul with activations is included. The cases:
 - ``coremltools``: the ``weight_fake_quant`` (FakePalettize) module that
   ``DKMPalettizer.prepare()`` puts on an ``nn.Linear(size, size)``, called on the layer's
   own weight, which is exactly what the prepared layer's forward does before its matmul.
-  Config: ``n_bits=bits``, per_tensor, ``kmeans_max_iter=iters``, ``palett_tau=tau``,
+  Config: ``n_bits=bits``, ``granularity`` and ``group_size`` as ours (its
+  ``per_grouped_channel`` groups output channels too), ``kmeans_max_iter=iters``, ``palett_tau=tau``,
   ``milestone=0`` (fake palettization on from the start), ``weight_threshold=0``, and,
   so that its math is the same DKM as ours, ``palett_epsilon=0`` (its default 1e-4 can
   stop after fewer iterations) and ``prune_threshold=0`` (its default shifts the distance
-  to centroid 0). Its k-means initialisation (tens of seconds, once) is bypassed: its
-  LUT is set to C0 before every call, as a warm start. It keeps its LUT in the weight
+  to centroid 0). With groups it keeps its default ``palett_batch_mode=False`` (one DKM
+  per group, a Python loop); ``--coreml-batch`` runs its batched mode instead (all
+  equal-sized groups in one DKM; not faster at 512 x 512 under load, and it differs
+  from the loop in the last bf16 bits). Its k-means initialisation (tens of seconds, once)
+  is bypassed: its LUTs are set to C0 before every call, as a warm start. It keeps its LUT in the weight
   dtype and runs the iterations in that dtype (bf16 math for bf16 weights); we run fp32
   math. Its memory options (``palett_max_mem``, ``palett_unique``) need CUDA and an
   initialised process group in coremltools 9.0, so the defaults (off) are used.
@@ -33,11 +39,12 @@ case measured alone in a fresh interpreter (`bench.harness.peak_memory`).
 CPU runs use one intra-op thread unless --threads says otherwise (the measurement behind
 that is at `CPU_THREADS`).
 
-Limits: one tensor, one LUT, d = 1. On a shared CPU absolute seconds swing with the load
+Limits: one tensor, d = 1. On a shared CPU absolute seconds swing with the load
 (the rows record load1 and threads); compare the ratios of one run.
 
 Usage:
-    python -m bench.speed                       # 2048 x 2048, 3 bits, bf16
+    python -m bench.speed                       # 2048 x 2048, 3 bits, bf16, one LUT
+    python -m bench.speed --granularity per_grouped_channel --group-size 16
     python bench/speed.py --dtype fp32 --out bench/results/speed.jsonl
     python -m bench.speed --quick               # small shape for CI
 """
@@ -58,6 +65,7 @@ if __package__ in (None, ""):  # run as `python bench/speed.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import Case, env_info, format_table, peak_memory, run_interleaved, run_isolated, write_rows
+from edkm.config import GRANULARITIES
 from edkm.functional import dkm, kmeans_init
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -82,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype (default bf16)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations (default 3, as coremltools)")
     p.add_argument("--tau", type=float, default=1e-4, help="softmax temperature (default 1e-4, as coremltools)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="per_tensor",
+                   help="one LUT per tensor (default) or per --group-size output rows, for every case")
+    p.add_argument("--group-size", type=int, default=16,
+                   help="output rows per LUT with per_grouped_channel (default 16, as the presets)")
+    p.add_argument("--coreml-batch", action=argparse.BooleanOptionalAction, default=False,
+                   help="coremltools' palett_batch_mode with groups (default off, its default; see the module header)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; one sample per case per round (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of W and G (default 0)")
@@ -99,21 +113,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.size, args.repeats = QUICK_SIZE, 1
     bad = {"size": args.size < 2, "bits": args.bits < 1, "iters": args.iters < 1, "repeats": args.repeats < 1,
-           "warmup": args.warmup < 0, "tau": not args.tau > 0, "threads": args.threads is not None and args.threads < 1}
+           "warmup": args.warmup < 0, "tau": not args.tau > 0, "threads": args.threads is not None and args.threads < 1,
+           "group_size": args.group_size < 1}
     for name, is_bad in bad.items():
         if is_bad:
             p.error(f"--{name} out of range: {getattr(args, name)!r}")
-    if args.size * args.size < 2**args.bits:
-        p.error(f"size {args.size} gives fewer weights than 2**bits = {2**args.bits} centroids")
+    if args.granularity == "per_grouped_channel" and args.size % args.group_size:
+        p.error(f"--group-size {args.group_size} does not divide the weight's {args.size} rows")
+    if args.size * args.size // groups(args) < 2**args.bits:
+        p.error(f"size {args.size} with {groups(args)} LUT group(s) gives {args.size**2 // groups(args)} weights per "
+                f"LUT, fewer than 2**bits = {2**args.bits} centroids")
     return args
+
+
+def groups(args: argparse.Namespace) -> int:
+    """LUT groups G of the (size, size) weight: 1, or size / group_size."""
+    return args.size // args.group_size if args.granularity == "per_grouped_channel" else 1
 
 
 def edkm_case(name: str, w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, uniquify: bool,
               args: argparse.Namespace) -> tuple[Case, Forward]:
-    """Case for `edkm.functional.dkm` on the leaf weight ``w`` (size, size)."""
+    """Case for `edkm.functional.dkm` on the leaf weight ``w`` (size, size); ``c0`` is (G, K, 1)."""
+    G = c0.shape[0]
 
     def forward() -> torch.Tensor:
-        out, _ = dkm(w.view(-1, 1), c0, tau=args.tau, max_iters=args.iters, uniquify=uniquify)  # (N, 1)
+        out, _ = dkm(w.view(G, -1, 1), c0, tau=args.tau, max_iters=args.iters, uniquify=uniquify)  # (G, N / G, 1)
         return out.view_as(w)
 
     def step() -> None:
@@ -123,7 +147,10 @@ def edkm_case(name: str, w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, uni
 
 
 def coreml_case(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, args: argparse.Namespace) -> tuple[Case, Forward | None]:
-    """Case for coremltools' FakePalettize on a prepared ``nn.Linear``; skipped with the reason if unusable."""
+    """Case for coremltools' FakePalettize on a prepared ``nn.Linear``; skipped with the reason if unusable.
+
+    ``c0`` is (G, K, 1): one warm-start LUT per coremltools partition (group_size rows each).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -136,9 +163,11 @@ def coreml_case(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, args: argpar
     except Exception as e:  # ImportError, or a coremltools that breaks on this torch
         return Case("coremltools", skip=f"coremltools unusable ({type(e).__name__}: {e})"), None
     try:
+        grouped = args.granularity == "per_grouped_channel"
         module_cfg = ModuleDKMPalettizerConfig(
-            n_bits=args.bits, granularity="per_tensor", kmeans_max_iter=args.iters, palett_tau=args.tau,
-            weight_threshold=0, milestone=0, palett_epsilon=0.0, prune_threshold=0.0,
+            n_bits=args.bits, granularity=args.granularity, group_size=args.group_size if grouped else None,
+            kmeans_max_iter=args.iters, palett_tau=args.tau, weight_threshold=0, milestone=0, palett_epsilon=0.0,
+            prune_threshold=0.0, palett_batch_mode=grouped and args.coreml_batch,
         )
         linear = torch.nn.Linear(args.size, args.size, bias=False)
         with torch.no_grad():
@@ -149,27 +178,31 @@ def coreml_case(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, args: argpar
         if int(fq.fake_palett_enabled[0]) != 1:
             raise RuntimeError("fake palettization is not enabled after prepare() with milestone=0")
         fq.create_partitions(weight.detach())
-        lut = c0.to(w.dtype)  # coremltools keeps its LUT in the weight dtype
+        if len(fq.partitions) != c0.shape[0]:
+            raise RuntimeError(f"coremltools made {len(fq.partitions)} partitions, we cluster {c0.shape[0]} groups")
+        luts = list(c0.to(w.dtype))  # G x (K, 1); coremltools keeps its LUTs in the weight dtype
     except Exception as e:
         return Case("coremltools", skip=f"coremltools setup failed ({type(e).__name__}: {e})"), None
 
     def forward() -> torch.Tensor:
-        fq.centroids = [lut.clone()]  # same warm start every call; skips its k-means init
+        fq.centroids = [lut.clone() for lut in luts]  # same warm start every call; skips its k-means init
         return fq(weight)
 
     def step() -> None:
         torch.autograd.grad((forward() * g).sum(), weight)
 
-    return Case("coremltools", step, info={"coremltools_config": "per_tensor, palett_epsilon=0, prune_threshold=0"}), forward
+    config = (f"{args.granularity}" + (f", group_size={args.group_size}, palett_batch_mode={module_cfg.palett_batch_mode}"
+                                       if grouped else "") + ", palett_epsilon=0, prune_threshold=0")
+    return Case("coremltools", step, info={"coremltools_config": config}), forward
 
 
 def make_problem(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leaf weight W (size, size), upstream gradient G (fp32) and starting centroids C0 (K, 1)."""
+    """Leaf weight W (size, size), upstream gradient G (fp32) and starting centroids C0 (G, K, 1)."""
     gen = torch.Generator().manual_seed(args.seed)
     w = torch.randn(args.size, args.size, generator=gen) * 0.02  # LLaMA-like init scale
     w = w.to(device=device, dtype=DTYPES[args.dtype]).requires_grad_(True)
     g = torch.randn(args.size, args.size, generator=gen).to(device)
-    c0 = kmeans_init(w.detach().view(1, -1, 1), 2**args.bits, iters=30, seed=args.seed)[0].float()
+    c0 = kmeans_init(w.detach().view(groups(args), -1, 1), 2**args.bits, iters=30, seed=args.seed).float()
     return w, g, c0
 
 
@@ -184,7 +217,8 @@ def measure_memory(name: str, args: argparse.Namespace, device: torch.device) ->
     """Peak memory of one call of case ``name``, measured alone in a fresh interpreter."""
     argv = ["-m", "bench.speed", "--memory-case", name, "--size", str(args.size), "--bits", str(args.bits),
             "--dtype", args.dtype, "--iters", str(args.iters), "--tau", repr(args.tau), "--seed", str(args.seed),
-            "--device", str(device)] + (["--threads", str(args.threads)] if args.threads is not None else [])
+            "--granularity", args.granularity, "--group-size", str(args.group_size),
+            "--coreml-batch" if args.coreml_batch else "--no-coreml-batch", "--device", str(device)] + (["--threads", str(args.threads)] if args.threads is not None else [])
     res = run_isolated(argv)
     if "error" in res:
         return {"peak_bytes": None, "memory_method": f"failed: {res['error']}"}
@@ -249,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"bench": "speed", "case": c.name, **st, "status": f"skipped: {c.skip}" if c.skip else "ok",
                "size": args.size, "n_weights": args.size**2, "bits": args.bits, "k": 2**args.bits,
                "dtype": args.dtype, "iters": args.iters, "tau": args.tau, "repeats": args.repeats,
+               "granularity": args.granularity, "groups": groups(args),
+               "group_size": args.group_size if args.granularity == "per_grouped_channel" else None,
                "warmup": args.warmup, "peak_bytes": None, "memory_method": None, "max_abs_diff_rel": None}
         row.update(c.info, times_s=c.times_s)
         for base, col in (("coremltools", "speedup_vs_coreml"), ("edkm_naive", "speedup_vs_naive")):
@@ -258,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         row["peak_mb"] = row["peak_bytes"] / 2**20 if row["peak_bytes"] is not None else None
         rows.append({**row, **env})
 
-    print(f"DKM forward+backward of one {args.size}x{args.size} {args.dtype} weight, {args.bits} bits "
+    lut = "one LUT" if groups(args) == 1 else f"{groups(args)} LUTs of {args.group_size} rows"
+    print(f"DKM forward+backward of one {args.size}x{args.size} {args.dtype} weight, {lut}, {args.bits} bits "
           f"(K={2**args.bits}), {args.iters} iters, tau={args.tau:g}; {args.repeats} interleaved rounds after "
           f"{args.warmup} warm-up; speedup = t_baseline / t_case (median, and min)")
     print(f"device: {env['device_name']} ({env['threads']} threads, load1 {env['load1']}); torch {env['torch']}, "

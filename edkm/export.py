@@ -27,41 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from edkm.functional.packing import pack_codes, unpack_codes
 from edkm.layers import LUTEmbedding, LUTLinear
 
 FORMAT = 1
 FOLDER_WEIGHTS = "model.edkm.safetensors"  # the weights file inside a save_pretrained-style folder
-
-
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """Pack integer codes in [0, 2**bits) densely into bytes.
-
-    Args:
-        codes: any-shape integer tensor. bits: 1..8.
-    Returns:
-        (ceil(numel * bits / 8),) uint8.
-    """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in [1, 8], got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 1 << bits):
-        raise ValueError(f"codes out of range for {bits} bits: [{flat.min().item()}, {flat.max().item()}]")
-    shifts = torch.arange(bits, device=flat.device)
-    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)  # (numel * bits,)
-    pad = (-bitstream.numel()) % 8
-    bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)]).reshape(-1, 8)
-    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
-    return (bitstream.to(torch.int64) * weights).sum(1).to(torch.uint8)
-
-
-def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of `pack_codes`: (numel,) uint8 codes."""
-    need = math.ceil(numel * bits / 8)
-    if packed.numel() != need:
-        raise ValueError(f"{numel} codes of {bits} bits need {need} bytes, got {packed.numel()}")
-    bitstream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
-    bitstream = bitstream.reshape(-1)[: numel * bits].reshape(numel, bits)
-    return (bitstream << torch.arange(bits, device=packed.device)).sum(1).to(torch.uint8)
 
 
 def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype | None = torch.float16,
@@ -94,7 +64,8 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
         else:
             sizes["fp16"] += 2 * m.weight_shape[0] * m.weight_shape[1]
             seen[id(m.indices)] = name
-            tensors[f"{name}.codes"] = pack_codes(m.indices, bits)
+            # one row: the layout of `pack_codes`, minus the padding bytes (all zero bits)
+            tensors[f"{name}.codes"] = pack_codes(m.indices.reshape(1, -1), bits)[0, : math.ceil(m.indices.numel() * bits / 8)]
             tensors[f"{name}.lut"] = m.lut.to(lut_dtype or m.lut.dtype).contiguous()
             sizes["codes"] += tensors[f"{name}.codes"].numel()
             sizes["luts"] += tensors[f"{name}.lut"].numel() * tensors[f"{name}.lut"].element_size()
@@ -160,7 +131,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
         src = info.get("tied_to", name)
         out_f, in_f = info["shape"]
         lut = tensors[f"{src}.lut"].to(dtype)
-        idx = unpack_codes(tensors[f"{src}.codes"], info["bits"], out_f * in_f // info["cluster_dim"])
+        idx = unpack_codes(tensors[f"{src}.codes"].unsqueeze(0), info["bits"], out_f * in_f // info["cluster_dim"])[0]
         idx = idx.reshape(out_f, in_f // info["cluster_dim"])
         if info["kind"] == "embedding":
             new: nn.Module = LUTEmbedding(lut, idx, (out_f, in_f), info.get("padding_idx"))

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
-from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear, nearest
+from edkm.functional import assign_codes
+from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def finalize(model: nn.Module) -> nn.Module:
         key = id(param)
         if key not in done:
             points = param.points(original)
-            idx = nearest(points, param.centroids).reshape(original.shape[0], -1)
+            codes = assign_codes(points, param.centroids, 8, backend=param.config.backend)  # uint8 (G, >= N)
+            idx = codes[:, : points.shape[1]].reshape(original.shape[0], -1)
             lut = param.centroids.to(original.dtype)
             if isinstance(module, nn.Embedding):
                 done[key] = LUTEmbedding(lut, idx, tuple(original.shape), module.padding_idx)

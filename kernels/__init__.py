@@ -1,8 +1,9 @@
 """Triton kernels of uniquified DKM (imported as `edkm.kernels`; needs triton).
 
 Only @triton.jit code and launchers live here: no autograd, no model code. Each
-``triton_x`` has a pure-PyTorch twin ``torch_x`` of the same signature in
-`edkm.functional.twins`, which is the spec the tests hold it to. Kernels are for bf16 /
+``triton_x`` has a pure-PyTorch twin in `edkm.functional.table` (the CPU path itself;
+`edkm.functional.triton_backend` maps the launchers onto its signatures), which is the
+spec the tests hold it to. Kernels are for bf16 /
 fp16 weights with cluster_dim 1 (a weight's table row is keyed by its 16-bit pattern).
 
     patterns.py    per-element passes: histogram, segment sum, gather, element grad

@@ -1,6 +1,6 @@
 """Hard nearest-centroid assignment with dense index packing (finalize), d = 1.
 
-In torch form (twin: `edkm.functional.twins.torch_assign_pack`):
+In torch form (twin: `edkm.functional.packing.assign_codes`):
 
     idx = ((points.float()[:, :, None] - c[:, None, :])**2).argmin(-1)   # (G, N), first min on ties
     idx = F.pad(idx, (0, -N % 8))                                        # (G, M), M = 8 * ceil(N / 8)

@@ -2,7 +2,7 @@
 
 Points are bf16 / fp16 (G, N) (d = 1). A point's table row is ``rowmap[g, pattern]``,
 where rowmap (G, 65536) int32 is built from the table (`table.pattern_rowmap`); no
-per-element index is ever stored. In torch form (twins in `edkm.functional.twins`):
+per-element index is ever stored. In torch form (twins in `edkm.functional.table`):
 
     p = points.view(torch.int16).int() & 0xFFFF                     # (G, N) keys
     hist[g].index_add_(0, p[g], ones)           # histogram     -> (G, 65536) int32

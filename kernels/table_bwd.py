@@ -2,7 +2,7 @@
 
 Given S (G, U), the upstream gradient summed per table row, and the forward's history
 (c_hist (G, T+1, K), den_hist (G, T, K)), with L = sum_j S_j h_j and
-h_j = a(v_j; C_{T-1}) . C_T. In torch form (twin: `twins.torch_table_bwd`, which gets the
+h_j = a(v_j; C_{T-1}) . C_T. In torch form (twin: `edkm.functional.table.table_bwd`, which gets the
 same numbers by autograd replay):
 
     # final map (a from C_{T-1}); its map is held fixed for the per-element path

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install (first time) and run the test suite. Extra args go to pytest.
+# Install (first time), lint with ruff, and run the test suite. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export TRITON_INTERPRET=1
+.venv/bin/ruff check .   # lint first: configured in pyproject.toml, the tree is kept clean
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -8,7 +8,7 @@ off real files): a 64-byte header (uint32 blob count, uint32 version = 2), then 
 64-byte record (uint32 sentinel 0xDEADBEEF, uint32 dtype code, uint64 byte size, uint64
 data offset) followed by the data, each 64-byte aligned. Sub-byte integers (uint1..uint6)
 are packed little-endian, element i in bits ``[i*b, (i+1)*b)`` of the stream: the same
-layout as `edkm.export.pack_codes`, so 3-bit Core ML indices are edkm's codes byte for byte.
+layout as `edkm.functional.packing.pack_codes` (one row), so 3-bit Core ML indices are edkm's codes byte for byte.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edkm.export import unpack_codes
+from edkm.functional.packing import unpack_codes
 
 SENTINEL = 0xDEADBEEF
 _FLOATS = {"FLOAT16": np.float16, "FLOAT32": np.float32}
@@ -107,7 +107,7 @@ class MLPackage:
             bits = int(ref.dtype[4:])
             if bits == 8:
                 return raw.reshape(ref.shape)
-            codes = unpack_codes(torch.from_numpy(raw.copy()), bits, numel)
+            codes = unpack_codes(torch.from_numpy(raw.copy()).unsqueeze(0), bits, numel)[0]  # one row
             return codes.numpy().reshape(ref.shape)
         raise ValueError(f"blob dtype {ref.dtype} not handled by this reader")
 

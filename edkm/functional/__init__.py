@@ -1,10 +1,20 @@
-"""Functional differentiable k-means (DKM).
+"""Functional differentiable k-means (DKM): the dispatch.
 
-`dkm` is the one entry point; `uniquify` picks the exact table path (`unique.py`) or the
-naive (N, K) autograd path (`naive.py`, the reference). `backend` picks who runs the
-table path: torch, or the Triton kernels of `edkm.kernels` (bf16 / fp16 points with
-cluster_dim 1 only). Triton is imported only when that backend is chosen, so
-``import edkm`` works without it. `kmeans_init` gives the step-0 centroids.
+`dkm` is the one entry point; `uniquify` picks the exact table path (`autograd.py` over
+the passes of `table.py`) or the naive (N, K) autograd path (`naive.py`, the spec).
+`backend` picks who runs the table passes: torch (`table.py`), or the Triton kernels of
+`edkm.kernels` (`triton_ops.py`; bf16 / fp16 points with cluster_dim 1 only). Triton is
+imported only when that backend is chosen, so ``import edkm`` works without it.
+`kmeans_init` gives the step-0 centroids; `packing.py` the finalized codes.
+
+    __init__.py   dispatch: dkm, resolve_backend, assign_codes
+    iterations.py the shared iteration math (soft assignment, centroid update, Jacobian)
+    naive.py      the (N, K) autograd spec
+    table.py      the table path in torch: table build, per-element and table passes
+    autograd.py   the autograd Function of the table path (forward and backward)
+    triton_backend.py  the Triton kernels behind the same signatures
+    kmeans.py     hard k-means init;  shard.py  data-parallel sharding
+    packing.py    nearest-centroid codes and their one packing layout
 """
 
 from __future__ import annotations
@@ -18,15 +28,14 @@ from torch import Tensor
 
 from edkm.config import BACKENDS
 
+from edkm.functional import packing
+from edkm.functional.autograd import TableOps, dkm_table
 from edkm.functional.kmeans import kmeans_init
 from edkm.functional.naive import dkm_naive
 from edkm.functional.shard import dkm_sharded, sharding_active
 from edkm.functional.table import uses_bit_patterns
-from edkm.functional import twins
-from edkm.functional.autograd import PatternOps, dkm_pattern, dkm_unique
 
-__all__ = ["BACKENDS", "assign_packed", "check_importance", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
-
+__all__ = ["BACKENDS", "assign_codes", "check_importance", "dkm", "kmeans_init", "resolve_backend", "triton_ops"]
 
 
 def dkm(
@@ -84,15 +93,15 @@ def dkm(
             raise ValueError("importance-weighted DKM does not support sharding yet; use shard=False")
         if backend == "triton":
             raise ValueError("importance-weighted DKM runs on the torch backend; use backend='torch' or 'auto'")
-        fn = dkm_unique if uniquify else dkm_naive
+        fn = dkm_table if uniquify else dkm_naive
         out, new_c = fn(p, c, float(tau), int(max_iters), float(eps), None, imp)
     elif shard and sharding_active():
         out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
     elif resolve_backend(backend, p, uniquify) == "triton":
         ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
-        out, new_c = dkm_pattern(p, c, float(tau), int(max_iters), float(eps), ops)
+        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops)
     else:
-        fn = dkm_unique if uniquify else dkm_naive
+        fn = dkm_table if uniquify else dkm_naive
         out, new_c = fn(p, c, float(tau), int(max_iters), float(eps))
     return (out, new_c) if grouped else (out[0], new_c[0])
 
@@ -141,27 +150,12 @@ def _triton_installed() -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
-def triton_ops(deterministic: bool = False) -> PatternOps:
-    """The Triton launchers of `edkm.kernels` as `PatternOps` (imports triton).
+def triton_ops(deterministic: bool = False) -> TableOps:
+    """The Triton launchers of `edkm.kernels` as `TableOps` (imports triton); see
+    `edkm.functional.triton_backend.triton_ops`."""
+    from edkm.functional.triton_backend import triton_ops as ops
 
-    Args:
-        deterministic: Run the segment sum as its torch twin (``index_add_``, which is
-            deterministic under ``torch.use_deterministic_algorithms(True)``) instead of
-            the kernel, whose fp32 atomics can change the last bits of the gradient from
-            run to run on a GPU. Every other pass is deterministic already.
-    """
-    from edkm import kernels
-
-    return PatternOps(
-        histogram=kernels.triton_histogram,
-        table_iterate=kernels.triton_table_iterate,
-        table_rows=kernels.triton_table_rows,
-        gather_rows=kernels.triton_gather_rows,
-        segment_sum=twins.torch_segment_sum if deterministic else kernels.triton_segment_sum,
-        table_bwd=kernels.triton_table_bwd,
-        element_grad=kernels.triton_element_grad,
-    )
+    return ops(deterministic)
 
 
 def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float) -> None:
@@ -208,32 +202,23 @@ def _check_importance(importance: Tensor, points: Tensor, grouped: bool) -> Tens
     return imp.detach()
 
 
-def assign_packed(points: Tensor, centroids: Tensor, bits: int, backend: str = "auto") -> Tensor:
-    """Nearest centroid of every point, as densely packed ``bits``-bit codes (finalize).
+def assign_codes(points: Tensor, centroids: Tensor, bits: int, backend: str = "auto") -> Tensor:
+    """Nearest centroid of every point as packed ``bits``-bit codes (finalize, export).
 
     Every 8 consecutive points of a group become ``bits`` bytes, least significant bits
-    first (`twins.pack_codes`; `twins.unpack_codes` inverts it); ``bits=8`` gives plain
-    uint8 indices. Ties go to the lowest centroid index, as `edkm.layers.nearest`.
+    first (`edkm.functional.packing.pack_codes`; `unpack_codes` inverts it); ``bits=8``
+    gives plain uint8 indices. Ties go to the lowest centroid index.
 
     Args:
-        points: (G, N, 1) weights (bf16 / fp16 for the Triton backend).
-        centroids: (G, K, 1) with K <= 2**bits.
+        points: (G, N, d) weights. centroids: (G, K, d) with K <= 2**bits.
         bits: Code width, 1..8.
-        backend: As in `dkm`.
+        backend: As in `dkm`; Triton covers bf16 / fp16 points with d = 1.
     Returns:
         (G, ceil(N / 8) * bits) uint8.
     """
-    if points.dim() != 3 or points.shape[-1] != 1 or centroids.dim() != 3 or centroids.shape[-1] != 1:
+    if points.dim() != 3 or centroids.dim() != 3 or points.shape[-1] != centroids.shape[-1]:
         raise ValueError(
-            f"assign_packed takes (G, N, 1) points and (G, K, 1) centroids (cluster_dim 1), got "
+            f"assign_codes takes (G, N, d) points and (G, K, d) centroids, got "
             f"{tuple(points.shape)} and {tuple(centroids.shape)}"
         )
-    if not (isinstance(bits, int) and 1 <= bits <= 8) or centroids.shape[1] > 2**bits:
-        raise ValueError(
-            f"assign_packed needs bits in 1..8 and K <= 2**bits, got bits={bits!r}, K={centroids.shape[1]}"
-        )
-    if resolve_backend(backend, points) == "triton":
-        from edkm import kernels
-
-        return kernels.triton_assign_pack(points[..., 0], centroids[..., 0], bits)
-    return twins.torch_assign_pack(points[..., 0], centroids[..., 0], bits)
+    return packing.assign_codes(points, centroids, bits, resolve_backend(backend, points))

@@ -48,7 +48,8 @@ def soft_assign(x: Tensor, c: Tensor, tau: float) -> Tensor:
     return torch.softmax(sq_dist(x, c) / -tau, dim=-1)
 
 
-def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None) -> Tensor:
+def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None,
+                     return_den: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``.
 
     A centroid whose soft mass ``sum_i n_i a_ik`` is below `MIN_MASS` (a millionth of
@@ -63,8 +64,9 @@ def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tenso
         c_prev: (G, K, d) centroids the map was computed with.
         reduce: Sums the (G, K, d + 1) numerator/denominator over the ranks that each
             hold a shard of the points (`edkm.functional.shard`); None for one process.
+        return_den: Also return the (G, K, 1) denominators ``A^T n`` (after ``reduce``).
     Returns:
-        (G, K, d) new centroids.
+        (G, K, d) new centroids, and the denominators with ``return_den``.
     """
     w = a if weights is None else a * weights.unsqueeze(-1)  # (G, U, K)
     num = torch.einsum("guk,gud->gkd", w, x)  # (G, K, d)
@@ -73,7 +75,8 @@ def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tenso
         both = reduce(torch.cat([num, den], dim=-1))  # one collective per iteration
         num, den = both[..., :-1], both[..., -1:]
     empty = den < MIN_MASS
-    return torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den))
+    c = torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den))
+    return (c, den) if return_den else c
 
 
 def dkm_iterations(

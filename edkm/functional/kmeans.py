@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from edkm.functional.iterations import sq_dist
+from edkm.functional.autograd import TORCH_OPS, importance_mass
 from edkm.functional.table import build_table
-from edkm.functional.autograd import importance_mass
 
 
 def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importance: Tensor | None = None) -> Tensor:
@@ -44,7 +44,7 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importan
         for _ in range(iters):
             c = _lloyd_step(v, n, c)
         if importance is not None:  # then weighted steps from the unweighted solution (see docstring)
-            m = importance_mass(table, points.detach(), importance.detach())
+            m = importance_mass(TORCH_OPS, points.detach(), table.index(), v.shape[1], importance.detach())
             for _ in range(iters):
                 c = _lloyd_step(v, m, c)
         distinct = (n > 0).sum(1)  # (G,)

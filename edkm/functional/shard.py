@@ -29,7 +29,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 from edkm.functional.naive import dkm_naive
-from edkm.functional.autograd import dkm_unique
+from edkm.functional.autograd import dkm_table
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def dkm_sharded(points: Tensor, centroids: Tensor, tau: float, max_iters: int, e
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     G, N, d = points.shape
     if N < world:  # nothing to split: every rank runs the whole (tiny) weight
-        fn = dkm_unique if uniquify else dkm_naive
+        fn = dkm_table if uniquify else dkm_naive
         return fn(points, centroids, tau, max_iters, eps)
     lo, hi = shard_bounds(N, world, rank)
 
@@ -66,7 +66,7 @@ def dkm_sharded(points: Tensor, centroids: Tensor, tau: float, max_iters: int, e
             warnings.simplefilter("ignore", FutureWarning)  # work and are differentiable
             return dist_nn.all_reduce(t, group=group)
 
-    fn = dkm_unique if uniquify else dkm_naive
+    fn = dkm_table if uniquify else dkm_naive
     out, c = fn(points[:, lo:hi], centroids, tau, max_iters, eps, reduce=reduce)
     per = math.ceil(N / world)
     padded = torch.nn.functional.pad(out, (0, 0, 0, per - (hi - lo)))  # (G, per, d)

@@ -2,6 +2,6 @@
 layers (`lut.py`)."""
 
 from edkm.layers.parametrization import DKMWeight, to_points, weight_groups
-from edkm.layers.lut import LUTEmbedding, LUTLinear, nearest
+from edkm.layers.lut import LUTEmbedding, LUTLinear
 
-__all__ = ["DKMWeight", "LUTEmbedding", "LUTLinear", "nearest", "to_points", "weight_groups"]
+__all__ = ["DKMWeight", "LUTEmbedding", "LUTLinear", "to_points", "weight_groups"]

@@ -1,7 +1,7 @@
 """The LUT layers that `edkm.finalize` leaves (deployment time).
 
 `LUTLinear` / `LUTEmbedding` hold a LUT (G, K, d) in the weight's dtype and uint8
-indices (out, in / d); `nearest` picks every weight's centroid.
+indices (out, in / d) (`edkm.finalize` picks them with `edkm.functional.assign_codes`).
 
 Decode cache: in eval mode a LUT layer keeps its decoded dense weight, in the dtype it was
 last used with, so generation does not re-decode every weight on every token. The cache
@@ -16,18 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from edkm.functional.iterations import sq_dist
-
-
-def nearest(points: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> Tensor:
-    """Index of the nearest centroid for every point, (G, N) int64, streamed in chunks."""
-    G, N, _ = points.shape
-    out = torch.empty(G, N, dtype=torch.int64, device=points.device)
-    for s in range(0, N, chunk):
-        x = points[:, s : s + chunk].to(centroids.dtype)
-        out[:, s : s + chunk] = sq_dist(x, centroids).argmin(-1)
-    return out
 
 
 class _LUTMixin:

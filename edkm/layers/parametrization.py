@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from edkm.config import DKMConfig
 from edkm.functional import check_importance, dkm, kmeans_init
-from edkm.layers.lut import nearest
+from edkm.functional.packing import nearest
 from edkm.offload import offload_saved_tensors
 
 

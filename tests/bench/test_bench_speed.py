@@ -8,6 +8,7 @@ against the table case are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 ENV_KEYS = {"device", "device_name", "torch", "triton", "coremltools", "git_commit", "host", "date"}
@@ -72,3 +74,42 @@ def test_missing_coremltools_is_a_skipped_row_and_memory_is_measured(tmp_path: P
         r = by_case[name]
         assert "isolated process" in r["memory_method"], r["memory_method"]
         assert r["peak_bytes"] is None or r["peak_bytes"] >= 0, r
+
+
+def test_grouped_luts_in_every_case(tmp_path: Path) -> None:
+    rows = _run(["-m", "bench.speed", "--quick", "--no-memory", "--granularity", "per_grouped_channel",
+                 "--group-size", "16"], tmp_path)
+    by_case = {r["case"]: r for r in rows}
+    for r in rows:
+        assert (r["granularity"], r["group_size"], r["groups"]) == ("per_grouped_channel", 16, 256 // 16), r
+    assert by_case["edkm"]["status"] == by_case["edkm_naive"]["status"] == "ok"
+    diff = by_case["edkm_naive"]["max_abs_diff_rel"]
+    assert diff <= BF16_ULP, f"grouped naive vs table path differ by {diff:.3g} of max|W| (> one bf16 ulp)"
+    coreml = by_case["coremltools"]
+    if importlib.util.find_spec("coremltools") is not None:  # installed: it must run, configured the same way
+        assert coreml["status"] == "ok", coreml["status"]
+        assert coreml["coremltools_config"].startswith("per_grouped_channel, group_size=16"), coreml
+        assert math.isfinite(coreml["max_abs_diff_rel"]) and by_case["edkm"]["speedup_vs_coreml"] > 0
+
+
+def test_one_group_of_all_rows_is_the_per_tensor_problem() -> None:
+    # One group of all rows is the per-tensor problem: same C0, same soft weight.
+    from bench.speed import make_problem, parse_args
+
+    a = parse_args(["--size", "64"])
+    b = parse_args(["--size", "64", "--granularity", "per_grouped_channel", "--group-size", "64"])
+    wa, ga, ca = make_problem(a, torch.device("cpu"))
+    wb, gb, cb = make_problem(b, torch.device("cpu"))
+    assert ca.shape == cb.shape == (1, 8, 1) and torch.equal(ca, cb) and torch.equal(wa, wb)
+    c = make_problem(parse_args(["--size", "64", "--granularity", "per_grouped_channel"]), torch.device("cpu"))[2]
+    assert c.shape == (4, 8, 1)  # default group size 16: one LUT per 16 of the 64 rows
+
+
+@pytest.mark.parametrize("argv, bad", [(["--granularity", "per_grouped_channel", "--group-size", "3"], "3"),
+                                       (["--group-size", "0"], "0")])
+def test_bad_group_size_names_the_value(argv: list[str], bad: str, capsys: pytest.CaptureFixture) -> None:
+    from bench.speed import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--size", "64", *argv])
+    assert bad in capsys.readouterr().err

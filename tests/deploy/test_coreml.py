@@ -20,7 +20,8 @@ import edkm
 from edkm.cli import main
 from edkm.deploy.coreml import export_coreml, lut_op_name
 from edkm.deploy.graph import StaticLlama
-from edkm.export import export_compressed, load_compressed, pack_codes
+from edkm.export import export_compressed, load_compressed
+from edkm.functional.packing import pack_codes
 from edkm.hub.models import tiny_llama
 from edkm.layers import LUTEmbedding, LUTLinear
 
@@ -85,7 +86,7 @@ def test_indices_stored_at_the_trained_bit_width(grouped3):
         assert op["index_bytes"] == math.ceil(m.indices.numel() * 3 / 8), name
         # Core ML's 3-bit index bytes are edkm's packed codes, byte for byte.
         raw = torch.from_numpy(pkg.blob_bytes(op["index_blob"]).copy())
-        assert torch.equal(raw, pack_codes(m.indices, 3)), name
+        assert torch.equal(raw, pack_codes(m.indices.reshape(1, -1), 3)[0, : raw.numel()]), name
     # prefill and decode share the weights: each clustered layer's indices are stored once.
     offsets = {o["index_blob"].offset for fn in pkg.functions for o in pkg.lut_ops(fn)}
     assert len(offsets) == len(layers)

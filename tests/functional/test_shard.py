@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tolerance import assert_within_rule
+
 from edkm.functional import dkm, kmeans_init
 
 N_ODD = 1001  # divides by neither 2 nor 3
@@ -71,18 +73,13 @@ def test_sharded_equals_single_process(world, dtype, d, groups, uniquify):
     out, c = dkm(x, c0, tau=1e-4, max_iters=3, uniquify=uniquify)
     g = sum(_upstream(r, w.shape, torch.float64) for r in range(world))
     out.backward(g.to(dtype))
-    # Only the fp32 summation order of the centroid sums differs from one process, so
-    # values and gradients agree to fp32 precision (normwise; 1e-5 as in
-    # test_functional), or within 2 ulps of a 16-bit output dtype (rounding flips).
-    tol = max(1e-5, 2 * _ulp(dtype))
-    for key, want in (("c", c), ("out", out.detach()), ("grad", x.grad)):
-        want = want.double()
-        err = ((got[key].double() - want).abs().max() / want.abs().max()).item()
-        assert err < tol, f"sharded {key} differs by {err:.3g} (tolerance {tol:.1e})"
-
-
-def _ulp(dtype):
-    return {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}[dtype]
+    # Only the fp32 summation order of the centroid sums differs from one process: the
+    # sharded run is held to the one-process run with the suite's rule, against fp64.
+    ref_x = w.double().clone().requires_grad_(True)
+    ref_out, ref_c = dkm(ref_x, c0.double(), tau=1e-4, max_iters=3, uniquify=uniquify)
+    ref_out.backward(g)
+    for key, want, ref in (("c", c, ref_c), ("out", out.detach(), ref_out.detach()), ("grad", x.grad, ref_x.grad)):
+        assert_within_rule(f"sharded {key} vs one process", got[key], want, ref)
 
 
 def test_shard_flag_is_ignored_in_one_process():

@@ -15,7 +15,7 @@ import torch
 
 import edkm
 from edkm.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from edkm.export import export_compressed, load_compressed, pack_codes, unpack_codes
+from edkm.export import export_compressed, load_compressed
 from edkm.train.config import TrainConfig, load_config
 from edkm.train.loop import train
 
@@ -64,20 +64,6 @@ def test_export_reload_logits_equal_finalized(tmp_path):
         torch.testing.assert_close(load_compressed(half)(ids).logits, want, rtol=2e-2, atol=2e-2)
     uniq = {id(m.indices): m.indices for m in model.modules() if isinstance(m, (edkm.LUTLinear, edkm.LUTEmbedding))}
     assert sizes["codes"] == sum((t.numel() * 3 + 7) // 8 for t in uniq.values())  # tied head stored once
-
-
-@pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("n", [1, 7, 1001])
-def test_pack_unpack_roundtrip(bits, n):
-    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(bits * n))
-    packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == (n * bits + 7) // 8
-    assert torch.equal(unpack_codes(packed, bits, n), codes.to(torch.uint8))
-
-
-def test_pack_rejects_out_of_range():
-    with pytest.raises(ValueError, match=r"\[0, 8\]"):
-        pack_codes(torch.tensor([0, 8]), 3)
 
 
 def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):

@@ -1,0 +1,21 @@
+"""Shared test setup: Triton's interpreter on CPU-only machines, fixed seeds, the tolerance module.
+
+TRITON_INTERPRET must be set before triton is first imported (kernels are built for the
+interpreter at import), so it is set here, before any test module is collected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same global RNG state (tests that need others seed their own)."""
+    torch.manual_seed(0)
