@@ -92,8 +92,9 @@ def _identical(package: Path, safetensors: Path) -> str:
                     continue
                 codes = pkg.blob_bytes(op.inputs["indices"][0])
                 lut = pkg.blob(op.inputs["lut"][0])[:, 0, : meta["clusters"]]  # (G, K, d)
+                ref_lut = f.get_tensor(f"{name}.lut").numpy()
                 same += int(np.array_equal(codes, f.get_tensor(f"{name}.codes").numpy())
-                            and np.array_equal(lut.view(np.uint16), f.get_tensor(f"{name}.lut").numpy().view(np.uint16)))
+                            and np.array_equal(lut.view(np.uint16), ref_lut.view(np.uint16)))
     return f"{same}/{total}"
 
 
@@ -137,7 +138,8 @@ def generation(name: str, root: Path, new_tokens: int, repeats: int) -> list[dic
         s = c.stats()
         rows.append({"section": "generate", "model": c.name, "new_tokens": new_tokens,
                      "tokens_per_s": new_tokens / s["median_s"], "run_median_s": s["median_s"],
-                     "last_run_decode_tokens_per_s": (new_tokens - 1) / timings[c.name]["decode_s"], "weights_bytes": _model_bytes(models[c.name]),
+                     "last_run_decode_tokens_per_s": (new_tokens - 1) / timings[c.name]["decode_s"],
+                     "weights_bytes": _model_bytes(models[c.name]),
                      "decode_cache_bytes": _cache_bytes(models[c.name]), "peak_rss_growth_bytes": mem["peak_bytes"]})
     base = rows[0]["tokens_per_s"]
     for r in rows:
@@ -165,8 +167,8 @@ def main() -> None:
         if "sizes" in sections:
             rows += sizes(args.model, root, args.context)
             print(format_table([r for r in rows if r["section"] == "sizes"],
-                               ["bits", "coreml_weight_bytes", "edkm_safetensors_bytes", "fp16_bytes", "fp16_over_coreml",
-                                "identical_to_safetensors"]))
+                               ["bits", "coreml_weight_bytes", "edkm_safetensors_bytes", "fp16_bytes",
+                                "fp16_over_coreml", "identical_to_safetensors"]))
         if "generate" in sections:
             g = generation(args.model, root, args.new_tokens, args.repeats)
             rows += g

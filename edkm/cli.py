@@ -78,13 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="Generate text from an edkm export (streamed, tokens/s reported).")
-    g.add_argument("--model", required=True, help="An .edkm.safetensors export or an edkm folder (export --format folder).")
+    g.add_argument("--model", required=True,
+                   help="An .edkm.safetensors export or an edkm folder (export --format folder).")
     g.add_argument("--prompt", required=True, help="Text to continue.")
     g.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T).")
     g.add_argument("--top-k", type=int, default=0, help="Sample only among the k most likely tokens (0: all).")
     g.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-    g.add_argument("--tokenizer", help="'bytes', 'smollm2' or an HF directory (default: the folder's own, or by vocab).")
+    g.add_argument("--tokenizer",
+                   help="'bytes', 'smollm2' or an HF directory (default: the folder's own, or by vocab).")
     g.set_defaults(func=_generate)
     return p
 

@@ -18,8 +18,9 @@ tokens' keys / values at ``position ..`` and attends causally over the cache, so
 shorter than ``prefill_len`` can be padded (padded slots are overwritten later) or fed
 token by token through ``decode``. Not verified here (no Core ML runtime on Linux):
 whether one ``MLState`` may pass from ``prefill`` to ``decode`` (the state types match);
-running a whole sequence through ``decode`` needs no such sharing. Limits: batch 1; fp16 LUTs (an fp32 / bf16 LUT rounds once to
-fp16, as `edkm.export_compressed` does by default; a warning gives the largest change);
+running a whole sequence through ``decode`` needs no such sharing. Limits: batch 1; fp16
+LUTs (an fp32 / bf16 LUT rounds once to fp16, as `edkm.export_compressed` does by default;
+a warning gives the largest change);
 Core ML takes 1, 2, 3, 4, 6 or 8-bit indices, so 5 / 7-bit LUTs are padded to 6 / 8 bits
 (warned); the package cannot be executed on Linux (no Core ML runtime), see
 `edkm.deploy.mlpackage` for the read-back checks.

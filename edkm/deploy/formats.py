@@ -31,5 +31,6 @@ def write_format(model: nn.Module, tokenizer: Any, fmt: str, out: str | Path, pr
         from edkm.deploy.folder import save_folder
 
         sizes = save_folder(model, tokenizer, out)
-        return f"wrote folder {out}: weights {sizes['file'] / 2**20:.2f} MiB (fp16 model {sizes['fp16'] / 2**20:.2f} MiB)"
+        mib = {k: v / 2**20 for k, v in sizes.items()}
+        return f"wrote folder {out}: weights {mib['file']:.2f} MiB (fp16 model {mib['fp16']:.2f} MiB)"
     raise ValueError(f"unknown deployment format {fmt!r}; choose from {FORMATS}")

@@ -64,9 +64,10 @@ class _Block(nn.Module):
     def __init__(self, layer: nn.Module, prefix: str) -> None:
         super().__init__()
         att, mlp = layer.self_attn, layer.mlp
-        for part, names in ((att, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))):
+        parts = (("self_attn", att, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                 ("mlp", mlp, ("gate_proj", "up_proj", "down_proj")))
+        for sub, part, names in parts:
             for n in names:
-                sub = "self_attn" if part is att else "mlp"
                 setattr(self, n, dense_linear(getattr(part, n), f"{prefix}.{sub}.{n}"))
         self.norm1 = nn.Parameter(layer.input_layernorm.weight.detach().float().clone())
         self.norm2 = nn.Parameter(layer.post_attention_layernorm.weight.detach().float().clone())
@@ -85,7 +86,8 @@ class StaticLlama(nn.Module):
         super().__init__()
         cfg = model.config
         if getattr(cfg, "model_type", None) != "llama":
-            raise ValueError(f"Core ML export supports LLaMA models, got model_type={getattr(cfg, 'model_type', None)!r}")
+            kind = getattr(cfg, "model_type", None)
+            raise ValueError(f"Core ML export supports LLaMA models, got model_type={kind!r}")
         rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"Core ML export supports default RoPE only, got {rope!r}")
