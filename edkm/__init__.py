@@ -9,6 +9,7 @@ Library use::
 """
 
 from edkm.config import DKMConfig
+from edkm.deploy.coreml import export_coreml
 from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
 from edkm.importance import fisher_importance
@@ -28,6 +29,7 @@ __all__ = [
     "clustered_layers",
     "dkm",
     "export_compressed",
+    "export_coreml",
     "finalize",
     "fisher_importance",
     "kmeans_init",

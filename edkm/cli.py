@@ -2,7 +2,8 @@
 
     edkm train  --config configs/NAME.yaml [--output-dir DIR] [--max-steps N] [--resume] [k=v ...]
     edkm eval   --model PATH          perplexity on the held-out split
-    edkm export --checkpoint DIR --out FILE [--which best|latest]
+    edkm export --checkpoint DIR --out FILE [--which best|latest] [--format edkm|folder|coreml]
+    edkm generate --model FILE|DIR --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --seed S]
     edkm lowrank --config configs/NAME.yaml --out DIR   (LoRD; train then clusters DIR)
 
 Exit codes: 0 done, 1 runtime error, 2 usage error (arguments, config), 130 interrupted;
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("edkm")
 
@@ -95,11 +97,45 @@ def _parser() -> argparse.ArgumentParser:
 
     x = add("export", "Write packed LUT indices + LUTs of a training checkpoint.")
     x.add_argument("--checkpoint", required=True, help="Run directory or one of its step-* checkpoint directories.")
-    x.add_argument("--out", required=True, help="Output .edkm.safetensors file (its directory is created).")
+    x.add_argument("--out", required=True,
+                   help="Output .edkm.safetensors file (its directory is created); folder: a directory; "
+                   "coreml: a .mlpackage.")
     x.add_argument("--which", choices=("best", "latest"), default="best",
                    help="For a run directory: the best held-out perplexity (default) or the latest checkpoint.")
+    x.add_argument("--format", choices=("edkm", "folder", "coreml"), default="edkm",
+                   help="edkm: packed safetensors; folder: save_pretrained-style folder with config and tokenizer; "
+                   "coreml: stateful Core ML .mlpackage with the exact LUTs (needs the coreml extra). For coreml "
+                   "--checkpoint may also be an .edkm.safetensors export or an edkm folder.")
+    x.add_argument("--prefill-len", type=int, default=64, help="coreml: tokens per prefill call.")
+    x.add_argument("--context", type=int, default=512, help="coreml: KV-cache length.")
     x.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="Generate text from an edkm export (streamed, tokens/s reported).")
+    g.add_argument("--model", required=True,
+                   help="An .edkm.safetensors export or an edkm folder (export --format folder).")
+    g.add_argument("--prompt", required=True, help="Text to continue.")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="Most tokens to generate.")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample from softmax(logits / T).")
+    g.add_argument("--top-k", type=int, default=0, help="Sample only among the k most likely tokens (0: all).")
+    g.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    g.add_argument("--tokenizer",
+                   help="'bytes', 'smollm2' or an HF directory (default: the folder's own, or by vocab).")
+    g.set_defaults(func=_generate)
     return p
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from edkm.deploy.folder import load_for_generation
+    from edkm.deploy.generate import generate
+
+    model, tokenizer = load_for_generation(args.model, args.tokenizer)
+    print(args.prompt, end="", flush=True)
+    g = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                 on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    print(f"[{len(g.ids)} tokens, prompt {g.prompt_tokens} tokens, prefill {g.prefill_s:.2f}s, "
+          f"{g.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -170,8 +206,19 @@ def _lowrank(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from edkm.train.commands import export_checkpoint
 
-    r = export_checkpoint(args.checkpoint, args.out, args.which)
+    path = Path(args.checkpoint)
+    if args.format == "coreml" and (path.is_file() or (path / "model.edkm.safetensors").is_file()):
+        from edkm.deploy.formats import write_format
+        from edkm.export import load_compressed
+
+        print(write_format(load_compressed(path), None, "coreml", args.out, args.prefill_len, args.context))
+        return 0
+    r = export_checkpoint(args.checkpoint, args.out, args.which, fmt=args.format, prefill_len=args.prefill_len,
+                          context=args.context)
     score = "not scored" if r["score"] is None else f"held-out ppl {r['score']:.3f}"
+    if args.format != "edkm":
+        print(f"exported step {r['step']} ({score}) from {r['checkpoint']}: {r['summary']}")
+        return 0
     s = r["sizes"]
     print(f"exported step {r['step']} ({score}) from {r['checkpoint']} to {r['out']}: {s['file'] / 2**20:.2f} MiB "
           f"(fp16 model {s['fp16'] / 2**20:.2f} MiB, {s['fp16'] / s['file']:.2f}x smaller)")

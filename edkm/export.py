@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 FP16_MAX = 65504.0
+FOLDER_WEIGHTS = "model.edkm.safetensors"  # the weights file inside a save_pretrained-style folder
 
 
 def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype | None = torch.float16,
@@ -79,7 +80,8 @@ def export_compressed(model: nn.Module, path: str | Path, lut_dtype: torch.dtype
             sizes["fp16"] += 2 * m.weight_shape[0] * m.weight_shape[1]
             seen[id(m.indices)] = name
             # one row: the layout of `pack_codes`, minus the padding bytes (all zero bits)
-            tensors[f"{name}.codes"] = pack_codes(m.indices.reshape(1, -1), bits)[0, : math.ceil(m.indices.numel() * bits / 8)]
+            n_bytes = math.ceil(m.indices.numel() * bits / 8)
+            tensors[f"{name}.codes"] = pack_codes(m.indices.reshape(1, -1), bits)[0, :n_bytes]
             tensors[f"{name}.lut"] = _checked(f"{name}.lut", m.lut, lut_dtype)
             sizes["codes"] += tensors[f"{name}.codes"].numel()
             sizes["luts"] += tensors[f"{name}.lut"].numel() * tensors[f"{name}.lut"].element_size()
@@ -165,7 +167,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     """Rebuild a ``LlamaForCausalLM`` from `export_compressed` output.
 
     Args:
-        path: The ``.edkm.safetensors`` file.
+        path: The ``.edkm.safetensors`` file, or a folder holding one as ``FOLDER_WEIGHTS``
+            (`edkm.deploy.folder.save_folder`).
         dtype: Compute dtype of dense parameters and LUTs.
     Returns:
         The model in eval mode, clustered layers as `LUTLinear` / `LUTEmbedding`.
@@ -174,6 +177,8 @@ def load_compressed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
+    if path.is_dir():  # a save_pretrained-style folder (edkm.deploy.folder)
+        path = path / FOLDER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"compressed model {str(path)!r} does not exist")
     try:

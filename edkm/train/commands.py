@@ -65,30 +65,44 @@ def pick_checkpoint(path: str | Path, which: str = "best") -> Path:
     return ckpt
 
 
-def export_checkpoint(path: str | Path, out: str | Path, which: str = "best") -> dict[str, Any]:
+def export_checkpoint(path: str | Path, out: str | Path, which: str = "best", fmt: str = "edkm",
+                      prefill_len: int = 64, context: int = 512) -> dict[str, Any]:
     """Finalize a training checkpoint and write its packed export.
 
     Args:
         path: A run directory or one of its ``step-*`` checkpoint directories.
-        out: Output ``.edkm.safetensors`` file (its directory is created).
+        out: Output ``.edkm.safetensors`` file (its directory is created), or the folder /
+            ``.mlpackage`` for the other formats.
         which: For a run directory: ``best`` (lowest held-out perplexity) or ``latest``.
+        fmt: ``edkm`` (packed safetensors), ``folder`` (save_pretrained-style folder with
+            config and tokenizer) or ``coreml`` (see `edkm.deploy.formats.write_format`).
+        prefill_len, context: Core ML prefill length and KV-cache length.
     Returns:
-        ``{"checkpoint", "step", "score", "sizes", "out"}``; ``score`` is the held-out
-        perplexity recorded with the checkpoint (None if it was not scored).
+        ``{"checkpoint", "step", "score", "sizes", "out"}`` (``sizes`` for ``edkm``;
+        ``summary`` for the other formats); ``score`` is the held-out perplexity recorded
+        with the checkpoint (None if it was not scored).
     """
+    if fmt not in ("edkm", "folder", "coreml"):
+        raise ConfigError(f"export format must be edkm, folder or coreml, got {fmt!r}")
     from edkm.preparation import prepare
     from edkm.train.steps import export_model
 
     ckpt = pick_checkpoint(path, which)
     state, manifest = load_checkpoint(ckpt)
     config = TrainConfig.from_dict(manifest["meta"]["config"], source=f"{ckpt}/manifest.json")
-    model, _ = load_model(config)
+    model, tokenizer = load_model(config)
     prepare(model, config.dkm)
     model.load_state_dict(state["model"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sizes = export_model(model.eval(), out)
-    return {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"), "sizes": sizes, "out": out}
+    result = {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"), "out": out}
+    if fmt != "edkm":
+        from edkm.deploy.formats import write_format
+        from edkm.preparation import finalize
+
+        finalize(model.eval())
+        return {**result, "summary": write_format(model, tokenizer, fmt, out, prefill_len, context)}
+    return {**result, "sizes": export_model(model.eval(), out)}
 
 
 def lowrank_run(config: TrainConfig, out: str | Path, calib_windows: int = 16) -> tuple[Any, Path]:
