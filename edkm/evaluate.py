@@ -1,9 +1,17 @@
-"""Evaluation of causal LMs on token windows (perplexity)."""
+"""Evaluation of causal LMs on token windows: perplexity, and fidelity to a reference model.
+
+`perplexity` scores one model. `fidelity` scores a compressed student against its float
+teacher on the same windows and predictions: the student's perplexity (and the teacher's,
+for the ratio), the mean per-token KL(teacher || student) over the full vocabulary, and
+top-1 next-token agreement (the share of positions where both models' argmax agree).
+Both materialise (batch, L, V) float32 logits per forward (800 MB for 8 x 512 x 49,152).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,3 +63,87 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     ppl = math.exp(nll_sum / n_tokens)
     logger.info("perplexity %.3f over %d predicted tokens (%d windows)", ppl, n_tokens, windows.shape[0])
     return ppl
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely a student follows its teacher on some windows.
+
+    Attributes:
+        perplexity: the student's perplexity (as `perplexity` computes it).
+        teacher_perplexity: the teacher's, on the same predictions.
+        kl: mean per-token KL(teacher || student) in nats, full vocabulary, temperature 1.
+        top1_agreement: share of positions where the student's argmax equals the teacher's.
+        n_predictions: positions scored (n * (L - 1)).
+    """
+
+    perplexity: float
+    teacher_perplexity: float
+    kl: float
+    top1_agreement: float
+    n_predictions: int
+
+    @property
+    def ppl_ratio(self) -> float:
+        """Student perplexity over teacher perplexity."""
+        return self.perplexity / self.teacher_perplexity
+
+    def to_dict(self) -> dict[str, float]:
+        """The fields plus ``ppl_ratio``, for JSON rows."""
+        return {**asdict(self), "ppl_ratio": self.ppl_ratio}
+
+
+def fidelity(student: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor,
+             batch_size: int = 4) -> Fidelity:
+    """Perplexity, KL(teacher || student) per token and top-1 agreement of a student on windows.
+
+    Every window is scored on its own at positions 0..L-2 (the predictions of tokens
+    1..L-1), the same positions as `perplexity`. Both models run under ``torch.no_grad``
+    in eval mode and are put back in their previous modes; the windows go to each model's
+    own device.
+
+    Args:
+        student: the compressed causal LM (returns ``.logits``).
+        teacher: the reference (float) model, same vocabulary.
+        windows: (n, L) int64 token ids, L >= 2.
+        batch_size: windows per forward pass.
+
+    Returns:
+        A `Fidelity`; sums are accumulated in float64.
+
+    Raises:
+        ValueError: bad windows or batch_size, or models whose vocabularies differ.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n >= 1, L >= 2), got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    modes = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    s_dev, t_dev = next(student.parameters()).device, next(teacher.parameters()).device
+    nll_s = nll_t = kl_sum = 0.0
+    agree = n = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start : start + batch_size]  # (B, L)
+                s = student(input_ids=batch.to(s_dev), use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+                t = teacher(input_ids=batch.to(t_dev), use_cache=False).logits[:, :-1].float().to(s.device)
+                if s.shape != t.shape:
+                    raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+                target = batch[:, 1:].to(s.device)  # (B, L-1)
+                log_q, log_p = F.log_softmax(s, -1), F.log_softmax(t, -1)  # (B, L-1, V)
+                nll_s -= float(log_q.gather(-1, target[..., None]).double().sum())
+                nll_t -= float(log_p.gather(-1, target[..., None]).double().sum())
+                kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).double().sum())
+                agree += int((s.argmax(-1) == t.argmax(-1)).sum())
+                n += target.numel()
+    finally:
+        student.train(modes[0])
+        teacher.train(modes[1])
+    out = Fidelity(perplexity=math.exp(nll_s / n), teacher_perplexity=math.exp(nll_t / n), kl=kl_sum / n,
+                   top1_agreement=agree / n, n_predictions=n)
+    logger.info("fidelity: ppl %.3f (teacher %.3f, x%.3f), KL %.4f nats/token, top-1 agreement %.3f over %d tokens",
+                out.perplexity, out.teacher_perplexity, out.ppl_ratio, out.kl, out.top1_agreement, n)
+    return out
