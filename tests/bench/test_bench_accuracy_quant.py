@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import edkm
 from bench import accuracy
@@ -147,3 +148,25 @@ def test_missing_peer_package_is_an_error_row(tmp_path, monkeypatch, capsys):
     rows = [__import__("json").loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["method"] for r in rows] == ["fp", "hqq_g64", "gptq_g64"]
     assert "pip install -e .[peers]" in rows[1]["error"] and "llmcompressor" in rows[2]["error"]
+
+
+# ----------------------------------------------------------------------------- top-k bench
+
+
+def test_topk_bench_measures_a_converging_loss(tmp_path, capsys):
+    from bench import accuracy_topk
+
+    vocab = 64
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(3, 5, vocab, generator=gen) * 3
+    student = teacher + torch.randn(3, 5, vocab, generator=gen)
+    rows = accuracy_topk.measure(student, teacher, [1, 8, vocab])
+    assert [r["k"] for r in rows] == [1, 8, vocab]
+    assert rows[0]["mass"] < rows[1]["mass"] < rows[2]["mass"] == pytest.approx(1.0)
+    assert rows[2]["loss"] == pytest.approx(rows[2]["full_loss"], rel=1e-5)
+    assert rows[2]["cosine"] == pytest.approx(1.0, abs=1e-5) and rows[1]["cosine"] > rows[0]["cosine"]
+    ce = F.cross_entropy(student.flatten(0, 1), teacher.argmax(-1).flatten())  # k = 1: CE to the teacher's argmax
+    assert rows[0]["loss"] == pytest.approx(ce.item(), rel=1e-5)
+    assert accuracy_topk.main(["--model", "tiny", "--ks", "4,256", "--windows", "2", "--seq-len", "8",
+                               "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert "cosine" in capsys.readouterr().out and len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
