@@ -77,3 +77,20 @@ def test_fidelity_is_a_frozen_record():
     assert f.ppl_ratio == 2.0
     with pytest.raises(AttributeError):
         f.kl = 0.0
+
+
+def test_cached_teacher_logits_give_the_same_scores(models):
+    from edkm.evaluate import teacher_logits
+
+    teacher, student = models
+    windows = _windows(5)
+    cached = teacher_logits(teacher, windows, batch_size=3)
+    assert cached.shape == (5, 10, 256) and cached.dtype == torch.float32
+    live = fidelity(student, teacher, windows, batch_size=2)
+    reused = fidelity(student, None, windows, batch_size=2, cached_teacher_logits=cached)
+    assert reused.kl == pytest.approx(live.kl, rel=1e-6) and reused.top1_agreement == live.top1_agreement
+    assert reused.teacher_perplexity == pytest.approx(live.teacher_perplexity, rel=1e-6)
+    with pytest.raises(ValueError, match=r"\(5, 9, 256\)"):
+        fidelity(student, None, windows, cached_teacher_logits=cached[:, :9])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        fidelity(student, None, windows)
