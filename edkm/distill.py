@@ -177,6 +177,10 @@ class DistillTrainerMixin:
         ce_weight: weight of the cross-entropy term (default 0.0: pure distillation).
     """
 
+    # Our loss is a per-batch mean, so the Trainer must divide it by the gradient-accumulation steps
+    # (transformers >= 5.2x reads this attribute; older ones decide from model_accepts_loss_kwargs, set below).
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args: Any, teacher: nn.Module, distill_temperature: float = 1.0,
                  ce_weight: float = 0.0, **kwargs: Any) -> None:
         if not distill_temperature > 0:
@@ -184,6 +188,7 @@ class DistillTrainerMixin:
         if ce_weight < 0:
             raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
         self.teacher = teacher.eval().requires_grad_(False)
         self.distill_temperature = float(distill_temperature)
         self.ce_weight = float(ce_weight)

@@ -181,5 +181,18 @@ def test_trainer_mixin_trains_a_student_towards_its_teacher(tmp_path):
     trainer.train()
     assert kl() < 0.7 * before, (before, kl())
     assert all(p.grad is None for p in teacher.parameters())
+    # gradient accumulation: 2 x 2 windows makes the same SGD step as one batch of 4 (the loss is divided by 2)
+    stepped = {}
+    for accum, bs in ((1, 4), (2, 2)):
+        model = tiny_llama(hidden=32, layers=1, seed=1)
+        ga_args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=bs,
+                                                 gradient_accumulation_steps=accum, learning_rate=1.0, optim="sgd",
+                                                 lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+        DistillTrainer(model=model, args=ga_args, train_dataset=rows[:4], teacher=teacher).train()
+        stepped[accum] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in tiny_llama(hidden=32, layers=1, seed=1).parameters()])
+    assert (stepped[1] - start).abs().max() > 1e-4  # the step moved the weights
+    torch.testing.assert_close(stepped[2] - start, stepped[1] - start, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="0.0"):
         DistillTrainer(model=student, args=args, teacher=teacher, distill_temperature=0.0)
