@@ -24,14 +24,15 @@ fp16 LUTs / scales / zeros; `bench.accuracy_quant.bits_per_weight`). Rows:
     ours_init     edkm's sensitivity-weighted k-means init (diagonal Fisher), no training
     ours          edkm DKM from that init, importance-weighted, fine-tuned on the same
                   budget as ct_dkm
-    hqq_g<G>      HQQ (pip hqq), calibration-free, zero + scale per G weights of a row
+    hqq_g<G>      HQQ (pip hqq), calibration-free, zero + scale per G consecutive weights
     gptq_g<G>     GPTQ (pip llmcompressor), symmetric, scale per G columns, calibrated on
                   the same windows as ours' Fisher
 
 Every clustered row is checked to hold at most 2**bits distinct values per LUT group
 (``lut_violations`` 0; for hqq / gptq, per quantisation group). hqq / gptq come from the
-``peers`` extra (``pip install -e .[peers]``); a missing package is an error row. Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad
-clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
+``peers`` extra (``pip install -e .[peers]``); a missing package is an error row, and so is
+a GPTQ group that does not divide a layer's input width (SmolLM2: 576 = 4.5 x 128).
+Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
 ct_skm and ours, both from per-window squared gradients) uses the first
 ``--calib-windows`` training windows.
 

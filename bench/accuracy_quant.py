@@ -5,8 +5,9 @@ Peers, each applied in place to exactly the named decoder linears, leaving plain
 the same float forward):
 
 - `hqq_`: HQQ (pip ``hqq``, ``hqq.core.quantize.HQQLinear``), calibration-free half-quadratic
-  optimisation of a zero and scale per group of ``group_size`` consecutive weights of a row
-  (``axis=1``, HQQ's default), HQQ's other defaults (4-bit: rounded zeros).
+  optimisation of a zero and scale per group of ``group_size`` consecutive weights of the
+  row-major weight (``axis=1``, HQQ's default; a group may span two rows when it does not
+  divide the row), HQQ's other defaults (4-bit: rounded zeros).
 - `gptq_`: GPTQ through llmcompressor (pip ``llmcompressor``, ``GPTQModifier`` in
   ``oneshot``): symmetric integer weights, one scale per ``group_size`` input columns of a
   row (it must divide every layer's input width: on SmolLM2, 576 = 4.5 x 128, so group 128 is
