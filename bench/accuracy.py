@@ -2,9 +2,15 @@
 
 SmolLM2-135M; every decoder linear (q/k/v/o/gate/up/down of all 30 layers, 210 layers)
 gets one LUT of 2**bits entries per ``--group-size`` output channels in every row; the
-embedding (tied to the LM head) stays float. Perplexity is scored on held-out windows of
-the default corpus (KJV Acts-Revelation; no held-out token is ever trained or
-calibrated on). Rows:
+embedding (tied to the LM head) stays float. Every row is scored on the same windows of
+each domain: the held-out split of the training corpus (KJV Acts-Revelation; no held-out
+token is ever trained or calibrated on) and of each ``--domains`` text (default ``wiki``:
+Wikipedia article summaries, from a different package than any training or calibration
+text). Per domain: perplexity, its ratio to the float model's (``<domain>_x_fp``), mean
+KL(fp || row) per token (``<domain>_kl``, nats) and top-1 next-token agreement with the
+float model (``<domain>_top1``); ``ppl`` / ``ppl_vs_fp`` repeat the first domain's.
+``bits_per_weight`` counts every stored bit of the quantised layers (codes packed densely,
+fp16 LUTs / scales / zeros; `bench.accuracy_quant.bits_per_weight`). Rows:
 
     fp            the float model
     fp_finetune   the float model fine-tuned on the same tokens as the DKM rows (how much
@@ -18,10 +24,15 @@ calibrated on). Rows:
     ours_init     edkm's sensitivity-weighted k-means init (diagonal Fisher), no training
     ours          edkm DKM from that init, importance-weighted, fine-tuned on the same
                   budget as ct_dkm
+    hqq_g<G>      HQQ (pip hqq), calibration-free, zero + scale per G consecutive weights
+    gptq_g<G>     GPTQ (pip llmcompressor), symmetric, scale per G columns, calibrated on
+                  the same windows as ours' Fisher
 
 Every clustered row is checked to hold at most 2**bits distinct values per LUT group
-(``lut_violations`` 0). Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad
-clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
+(``lut_violations`` 0; for hqq / gptq, per quantisation group). hqq / gptq come from the
+``peers`` extra (``pip install -e .[peers]``); a missing package is an error row, and so is
+a GPTQ group that does not divide a layer's input width (SmolLM2: 576 = 4.5 x 128).
+Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
 ct_skm and ours, both from per-window squared gradients) uses the first
 ``--calib-windows`` training windows.
 
@@ -50,11 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import edkm  # noqa: E402
 from bench import accuracy_peers as peers  # noqa: E402  (imports coremltools only when a ct row runs)
+from bench import accuracy_quant as quant  # noqa: E402  (imports hqq / llmcompressor only when their row runs)
 from bench.harness import env_info, format_table, write_rows  # noqa: E402
 from edkm.preparation import clustered_layers  # noqa: E402
-from edkm.evaluate import perplexity  # noqa: E402
+from edkm.evaluate import fidelity, teacher_logits  # noqa: E402
 
-ALL_METHODS = ("fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ct_skm", "ours", "ct_dkm")
+ALL_METHODS = ("fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ct_skm", "ours", "ct_dkm", "hqq", "gptq")
 QUICK = dict(steps=4, eval_windows=8, calib_windows=4, layers=1)
 FULL = dict(steps=48, eval_windows=32, calib_windows=32, layers=None)
 
@@ -65,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bits", default="4,3", help="comma-separated index widths (default 4,3)")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated rows of {ALL_METHODS}")
     p.add_argument("--group-size", type=int, default=16, help="output channels per LUT (default 16)")
+    p.add_argument("--peer-groups", default="64,128", help="weights per group of the hqq / gptq rows (default 64,128)")
+    p.add_argument("--domains", default="wiki",
+                   help="comma-separated corpora scored besides the training corpus's held-out split (default wiki; "
+                        "'' for none)")
     p.add_argument("--steps", type=int, help="fine-tune steps of fp_finetune / ct_dkm / ours")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW LR of every fine-tune (default 2e-4)")
@@ -85,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.bits = [int(b) for b in args.bits.split(",")]
     args.methods = args.methods.split(",")
+    args.peer_groups = [int(g) for g in args.peer_groups.split(",") if g]
+    args.domains = [d for d in args.domains.split(",") if d]
+    if any(g < 8 or g % 8 for g in args.peer_groups):
+        p.error(f"--peer-groups must be multiples of 8, got {args.peer_groups}")
     bad = [m for m in args.methods if m not in ALL_METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {ALL_METHODS}")
@@ -153,8 +173,13 @@ def finetune(model: nn.Module, train: torch.Tensor, args: argparse.Namespace, la
 class Bench:
     """Runs the rows on copies of one loaded model and keeps the results."""
 
-    def __init__(self, model: nn.Module, train: torch.Tensor, heldout: torch.Tensor, args: argparse.Namespace):
-        self.fp, self.train, self.heldout, self.args = model, train, heldout, args
+    def __init__(self, model: nn.Module, train: torch.Tensor, domains: dict[str, torch.Tensor],
+                 args: argparse.Namespace):
+        """``domains``: name -> (n, L) eval windows, the training corpus's held-out split first."""
+        self.fp, self.train, self.domains, self.args = model, train, domains, args
+        heldout = next(iter(domains.values()))
+        # the float model's logits per domain, computed once (halves every row's scoring time)
+        self.fp_logits = {d: teacher_logits(model, w) for d, w in domains.items()}
         self.names = [n for n in peers.select_linears(model)
                       if args.layers is None or int(n.split(".")[2]) < args.layers]  # model.layers.<i>.*
         self.calib = train[: args.calib_windows]
@@ -165,29 +190,37 @@ class Bench:
                      "lr": args.lr, "tau": args.tau, "seq_len": args.seq_len,
                      "train_tokens": args.steps * args.batch_size * args.seq_len,
                      "calib_tokens": self.calib.numel(), "eval_tokens": heldout.numel(),
-                     "eval_predictions": heldout.shape[0] * (heldout.shape[1] - 1)}
-        self.fp_ppl: float | None = None
+                     "eval_predictions": heldout.shape[0] * (heldout.shape[1] - 1), "domains": list(domains)}
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of every clustered layer of the float model."""
+        return [tuple(self.fp.get_submodule(n).weight.shape) for n in self.names]
 
     def row(self, method: str, bits: int | None, build: Callable[[nn.Module], dict | None],
-            model: nn.Module | None = None) -> None:
-        """Build one row on ``model`` (default: a fresh copy of the float model); a failure
-        becomes an error row."""
+            model: nn.Module | None = None, check: Callable[[nn.Module], int] | None = None) -> None:
+        """Build one row on ``model`` (default: a fresh copy of the float model), score it on every
+        domain against the float model; a failure becomes an error row. ``check``: counts
+        quantisation groups holding more than 2**bits values (default: LUT groups of rows)."""
         t0 = time.perf_counter()
         print(f"[{method}{'' if bits is None else f' {bits}-bit'}] ...", file=sys.stderr, flush=True)
-        row = {"method": method, "bits": bits}
+        row = {"method": method, "bits": bits, "bits_per_weight": None}
         try:
             model = copy.deepcopy(self.fp) if model is None else model
             row.update(build(model) or {})
-            row["ppl"] = perplexity(model, self.heldout)
+            for i, (domain, windows) in enumerate(self.domains.items()):
+                f = fidelity(model, None, windows, cached_teacher_logits=self.fp_logits[domain])
+                row.update({f"{domain}_ppl": f.perplexity, f"{domain}_x_fp": f.ppl_ratio, f"{domain}_kl": f.kl,
+                            f"{domain}_top1": f.top1_agreement})
+                if i == 0:
+                    row["ppl"], row["ppl_vs_fp"] = f.perplexity, f.ppl_ratio
             if bits is not None:
-                row["lut_violations"] = peers.count_lut_violations(model, self.names, bits, self.args.group_size)
-            if self.fp_ppl:
-                row["ppl_vs_fp"] = row["ppl"] / self.fp_ppl
+                row["lut_violations"] = (check(model) if check is not None else
+                                         peers.count_lut_violations(model, self.names, bits, self.args.group_size))
         except Exception as e:  # a peer that breaks is a row, not the end of the run
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         row["seconds"] = time.perf_counter() - t0
-        print(f"  -> {json.dumps({k: row.get(k) for k in ('ppl', 'ppl_vs_fp', 'error', 'seconds')})}",
+        print(f"  -> {json.dumps({k: row.get(k) for k in ('ppl', 'ppl_vs_fp', 'bits_per_weight', 'error')})}",
               file=sys.stderr, flush=True)
         self.rows.append(row)
         if self.args.out:
@@ -197,7 +230,6 @@ class Bench:
         a = self.args
         if "fp" in a.methods:
             self.row("fp", None, lambda m: None)
-            self.fp_ppl = self.rows[-1].get("ppl")
         if "fp_finetune" in a.methods:
             self.row("fp_finetune", None, lambda m: {"train_log": finetune(m, self.train, a, "fp_finetune")})
         for bits in a.bits:
@@ -205,20 +237,46 @@ class Bench:
                 if method not in ("fp", "fp_finetune"):
                     getattr(self, method)(bits)
 
+    def lut_bpw(self, bits: int) -> dict:
+        """bits_per_weight of one fp16 LUT per ``--group-size`` rows on every clustered layer."""
+        return {"bits_per_weight": quant.bits_per_weight(
+            quant.lut_storage(s, bits, self.args.group_size) for s in self.shapes())}
+
     def rtn(self, bits: int) -> None:
-        self.row("rtn", bits, lambda m: rtn_(m, self.names, bits, self.args.group_size))
+        g = self.args.group_size
+        self.row("rtn", bits, lambda m: rtn_(m, self.names, bits, g) or {
+            "bits_per_weight": quant.bits_per_weight(quant.row_range_storage(s, bits, g) for s in self.shapes())})
 
     def kmeans(self, bits: int) -> None:
         cfg = dkm_config(self.args, bits, self.names)
-        self.row("kmeans", bits, lambda m: (edkm.prepare(m, cfg), edkm.finalize(m)) and None)
+
+        def build(m: nn.Module) -> dict:
+            edkm.prepare(m, cfg)
+            edkm.finalize(m)
+            return {"bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names))}
+
+        self.row("kmeans", bits, build)
 
     def ct_ptq(self, bits: int) -> None:
-        self.row("ct_ptq", bits, lambda m: peers.ct_post_training(m, bits, self.args.group_size, self.names) and None)
+        self.row("ct_ptq", bits, lambda m: peers.ct_post_training(m, bits, self.args.group_size, self.names) and
+                 self.lut_bpw(bits))
 
     def ct_skm(self, bits: int) -> None:
         # batch_size=1: per-window squared gradients, the same Fisher estimator as ours
         self.row("ct_skm", bits, lambda m: peers.ct_skm(m, bits, self.args.group_size, self.calib,
-                                                        batch_size=1, names=self.names) and None)
+                                                        batch_size=1, names=self.names) and self.lut_bpw(bits))
+
+    def hqq(self, bits: int) -> None:
+        for g in self.args.peer_groups:
+            self.row(f"hqq_g{g}", bits, lambda m, g=g: {
+                "bits_per_weight": quant.bits_per_weight(quant.hqq_(m, self.names, bits, g)), "peer_group": g},
+                check=lambda m, g=g: quant.count_group_violations(m, self.names, bits, g, flat=True))
+
+    def gptq(self, bits: int) -> None:
+        for g in self.args.peer_groups:
+            self.row(f"gptq_g{g}", bits, lambda m, g=g: {
+                "bits_per_weight": quant.bits_per_weight(quant.gptq_(m, self.names, bits, g, self.calib)),
+                "peer_group": g}, check=lambda m, g=g: quant.count_group_violations(m, self.names, bits, g))
 
     def ct_dkm(self, bits: int) -> None:
         def build(m: nn.Module) -> dict:
@@ -226,7 +284,7 @@ class Bench:
                                        names=self.names)
             logs = finetune(m, self.train, self.args, f"ct_dkm {bits}-bit", after_step=pal.step)
             peers.ct_dkm_finalize(m, pal)
-            return {"train_log": logs}
+            return {"train_log": logs, **self.lut_bpw(bits)}
 
         self.row("ct_dkm", bits, build)
 
@@ -240,7 +298,7 @@ class Bench:
             imp = None if self.args.no_importance else edkm.fisher_importance(m, self.calib, cfg)
             edkm.prepare(m, cfg, importance=imp)
             prepared["model"] = m
-            return {"importance": imp is not None, "init_s": time.perf_counter() - t0}
+            return {"importance": imp is not None, "init_s": time.perf_counter() - t0, **self.lut_bpw(bits)}
 
         self.row("ours_init", bits, init)
         if "model" not in prepared:
@@ -250,35 +308,42 @@ class Bench:
             logs = finetune(m, self.train, self.args, f"ours {bits}-bit")
             drift = sum(p.drift.item() for _, _, p in clustered_layers(m)) / len(self.names)
             edkm.finalize(m)
-            return {"train_log": logs, "centroid_drift": drift, "importance": not self.args.no_importance}
+            return {"train_log": logs, "centroid_drift": drift, "importance": not self.args.no_importance,
+                    "bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names))}
 
         self.row("ours", bits, train, model=prepared.pop("model"))
 
 
-def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
-    """(float model, training windows, held-out windows, description)."""
+def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor], str]:
+    """(float model, training windows, {domain: eval windows} with the training corpus first, description)."""
     n_train = max(args.steps * args.batch_size, args.calib_windows)
     if args.model == "tiny":
         from edkm.hub.models import tiny_llama
 
         gen = torch.Generator().manual_seed(0)
         train = torch.randint(0, 256, (n_train, args.seq_len), generator=gen)
-        heldout = torch.randint(0, 256, (args.eval_windows, args.seq_len), generator=gen)
-        return tiny_llama(hidden=64, layers=2), train, heldout, "tiny random LLaMA, random tokens"
+        domains = {"heldout": torch.randint(0, 256, (args.eval_windows, args.seq_len), generator=gen)}
+        for d in args.domains:  # random stand-ins for the named texts
+            domains[d] = torch.randint(0, 256, (args.eval_windows, args.seq_len), generator=gen)
+        return tiny_llama(hidden=64, layers=2, intermediate=128), train, domains, "tiny random LLaMA, random tokens"
     from edkm.hub.models import load_smollm2
-    from edkm.hub.text import build_windows, load_corpus, split_corpus
+    from edkm.hub.text import build_windows, load_corpus, pack_windows, split_corpus, tokenize_text
 
     model, tokenizer = load_smollm2()
     corpus = load_corpus("default")
     w = build_windows(split_corpus(corpus), tokenizer, args.seq_len, max_train_windows=n_train,
                       max_heldout_windows=args.eval_windows)
-    return model, w.train, w.heldout, f"SmolLM2-135M, {corpus.name}"
+    domains = {corpus.name: w.heldout}
+    for d in args.domains:  # held-out split of each text: the same windows whoever trains on its train side
+        other = split_corpus(load_corpus(d)).heldout_text
+        domains[d] = pack_windows(tokenize_text(tokenizer, other), args.seq_len)[: args.eval_windows]
+    return model, w.train, domains, f"SmolLM2-135M, {corpus.name}; scored on {', '.join(domains)}"
 
 
 # ----------------------------------------------------------------------------- report
 
 
-COLUMNS = ["method", "bits", "ppl", "ppl_vs_fp", "lut_violations", "seconds", "error"]
+COLUMNS = ["method", "bits", "bits_per_weight", "lut_violations", "seconds", "error"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,15 +354,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model, train, heldout, what = load(args)
-    print(f"{what}: train {tuple(train.shape)}, held-out {tuple(heldout.shape)}; {args.steps} steps x "
+    model, train, domains, what = load(args)
+    print(f"{what}: train {tuple(train.shape)}, eval {[tuple(w.shape) for w in domains.values()]}; {args.steps} steps x "
           f"{args.batch_size} windows x {args.seq_len} tokens; threads {torch.get_num_threads()}",
           file=sys.stderr, flush=True)
-    bench = Bench(model.eval(), train, heldout, args)
+    bench = Bench(model.eval(), train, domains, args)
     bench.run()
-    print(format_table(bench.rows, COLUMNS))
+    per_domain = [f"{d}_{m}" for d in domains for m in ("ppl", "x_fp", "kl", "top1")]
+    print(format_table(bench.rows, COLUMNS[:3] + per_domain + COLUMNS[3:]))
     t = bench.tags
-    print(f"\nheld-out: {t['eval_predictions']} predicted tokens; fine-tune: {t['train_tokens']} tokens "
+    print(f"\nper domain: {t['eval_predictions']} predicted tokens; fine-tune: {t['train_tokens']} tokens "
           f"({args.steps} steps); calibration: {t['calib_tokens']} tokens; total {time.perf_counter() - t0:.0f} s")
     return 0 if all("error" not in r for r in bench.rows) else 1
 

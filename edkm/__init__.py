@@ -10,6 +10,7 @@ Library use::
 
 from edkm.config import DKMConfig
 from edkm.deploy.coreml import export_coreml
+from edkm.distill import DistillTrainerMixin, distill_loss, topk_distill_loss
 from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
 from edkm.importance import fisher_importance
@@ -21,12 +22,14 @@ from edkm.offload import OffloadStats, offload_saved_tensors
 __all__ = [
     "DKMConfig",
     "DKMWeight",
+    "DistillTrainerMixin",
     "LUTEmbedding",
     "LUTLinear",
     "LowRankConfig",
     "LowRankLinear",
     "centroid_drift",
     "clustered_layers",
+    "distill_loss",
     "dkm",
     "export_compressed",
     "export_coreml",
@@ -38,5 +41,6 @@ __all__ = [
     "offload_saved_tensors",
     "OffloadStats",
     "prepare",
+    "topk_distill_loss",
 ]
 __version__ = "0.1.0"

