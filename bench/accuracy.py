@@ -32,7 +32,8 @@ Every clustered row is checked to hold at most 2**bits distinct values per LUT g
 (``lut_violations`` 0; for hqq / gptq, per quantisation group). hqq / gptq come from the
 ``peers`` extra (``pip install -e .[peers]``); a missing package is an error row, and so is
 a GPTQ group that does not divide a layer's input width (SmolLM2: 576 = 4.5 x 128).
-Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad clip 1, batches of ``--batch-size`` training windows in order. Calibration (Fisher for
+Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad clip 1, batches of ``--batch-size``
+training windows in order. Calibration (Fisher for
 ct_skm and ours, both from per-window squared gradients) uses the first
 ``--calib-windows`` training windows.
 
@@ -63,8 +64,8 @@ import edkm  # noqa: E402
 from bench import accuracy_peers as peers  # noqa: E402  (imports coremltools only when a ct row runs)
 from bench import accuracy_quant as quant  # noqa: E402  (imports hqq / llmcompressor only when their row runs)
 from bench.harness import env_info, format_table, write_rows  # noqa: E402
-from edkm.preparation import clustered_layers  # noqa: E402
 from edkm.evaluate import fidelity, teacher_logits  # noqa: E402
+from edkm.preparation import clustered_layers  # noqa: E402
 
 ALL_METHODS = ("fp", "fp_finetune", "rtn", "kmeans", "ct_ptq", "ct_skm", "ours", "ct_dkm", "hqq", "gptq")
 QUICK = dict(steps=4, eval_windows=8, calib_windows=4, layers=1)

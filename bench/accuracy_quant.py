@@ -24,7 +24,6 @@ symmetric) 4.25.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import tempfile

@@ -57,8 +57,8 @@ if __package__ in (None, ""):  # run as `python bench/lowrank.py`
 
 import edkm
 from bench.harness import Case, env_info, format_table, run_interleaved, write_rows
-from edkm.lowrank import LowRankConfig, causal_lm_loss, collect_input_stats, lowrank_model, parity_rank
 from edkm.layers import LUTLinear
+from edkm.lowrank import LowRankConfig, causal_lm_loss, collect_input_stats, lowrank_model, parity_rank
 
 # One intra-op thread by default, as bench/speed.py: on the shared 2-core box (load1 ~9) a
 # SmolLM2 forward of 4 x 128 tokens took 16-18 s with 2 threads and 4.3 s with 1.
@@ -222,10 +222,10 @@ class Bench:
         run_interleaved(cases, torch.device("cpu"), warmup=1, repeats=self.args.repeats)
         by = {c.name: c.stats() for c in cases}
         for part in targets:
-            d, l = by[f"{part}/dense"], by[f"{part}/lord25"]
+            d, lr = by[f"{part}/dense"], by[f"{part}/lord25"]
             self.add({"section": "speed", "variant": part, "batch": list(ids.shape), "dense_s": d["median_s"],
-                      "lord_s": l["median_s"], "time_ratio": l["median_s"] / d["median_s"],
-                      "time_ratio_min": l["min_s"] / d["min_s"], "n": d["n"],
+                      "lord_s": lr["median_s"], "time_ratio": lr["median_s"] / d["median_s"],
+                      "time_ratio_min": lr["min_s"] / d["min_s"], "n": d["n"],
                       "removed_pct_model": 100 * (rep.params_before - rep.params_after) / self.n_linear})
 
     def dkm(self) -> None:

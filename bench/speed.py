@@ -33,7 +33,8 @@ All cases run in one process, warmed up, then timed round-robin (`bench.harness`
 load from other processes hits them alike. speedup_vs_X = t_X / t_case, of the medians
 and (``_min``) of the minima, the samples least disturbed by other load; > 1 means the
 case is faster than X. ``max_abs_diff_rel`` is max |W~_case - W~_ref| / max |W| after
-one forward from the same C0, ref being the first case run (``edkm`` by default). ``peak_mb`` is the peak memory growth of one call, each
+one forward from the same C0, ref being the first case run (``edkm`` by default). ``peak_mb`` is the peak
+memory growth of one call, each
 case measured alone in a fresh interpreter (`bench.harness.peak_memory`).
 
 CPU runs use one intra-op thread unless --threads says otherwise (the measurement behind
@@ -218,7 +219,8 @@ def measure_memory(name: str, args: argparse.Namespace, device: torch.device) ->
     argv = ["-m", "bench.speed", "--memory-case", name, "--size", str(args.size), "--bits", str(args.bits),
             "--dtype", args.dtype, "--iters", str(args.iters), "--tau", repr(args.tau), "--seed", str(args.seed),
             "--granularity", args.granularity, "--group-size", str(args.group_size),
-            "--coreml-batch" if args.coreml_batch else "--no-coreml-batch", "--device", str(device)] + (["--threads", str(args.threads)] if args.threads is not None else [])
+            "--coreml-batch" if args.coreml_batch else "--no-coreml-batch", "--device", str(device)]
+    argv += ["--threads", str(args.threads)] if args.threads is not None else []
     res = run_isolated(argv)
     if "error" in res:
         return {"peak_bytes": None, "memory_method": f"failed: {res['error']}"}

@@ -14,10 +14,10 @@ from edkm.distill import DistillTrainerMixin, distill_loss, topk_distill_loss
 from edkm.export import export_compressed, load_compressed
 from edkm.functional import dkm, kmeans_init
 from edkm.importance import fisher_importance
-from edkm.lowrank import LowRankConfig, LowRankLinear, lowrank_model
-from edkm.preparation import centroid_drift, clustered_layers, finalize, prepare
 from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear
+from edkm.lowrank import LowRankConfig, LowRankLinear, lowrank_model
 from edkm.offload import OffloadStats, offload_saved_tensors
+from edkm.preparation import centroid_drift, clustered_layers, finalize, prepare
 
 __all__ = [
     "DKMConfig",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerance import assert_equal_fp64, assert_within_rule, rel_err
 from torch import nn
 
 import edkm

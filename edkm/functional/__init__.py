@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from edkm.config import BACKENDS
-
 from edkm.functional import packing
 from edkm.functional.autograd import TableOps, dkm_table
 from edkm.functional.kmeans import kmeans_init

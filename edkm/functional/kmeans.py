@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from edkm.functional.iterations import sq_dist
 from edkm.functional.autograd import TORCH_OPS, importance_mass
+from edkm.functional.iterations import sq_dist
 from edkm.functional.table import build_table
 
 

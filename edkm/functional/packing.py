@@ -48,7 +48,8 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         raise ValueError(f"codes must be (G, M), got shape {tuple(codes.shape)}")
     c = codes.to(torch.int64)
     if c.numel() and (c.min() < 0 or c.max() >= 1 << bits):
-        raise ValueError(f"codes must be in [0, {(1 << bits) - 1}] for {bits} bits, got [{c.min().item()}, {c.max().item()}]")
+        raise ValueError(f"codes must be in [0, {(1 << bits) - 1}] for {bits} bits, "
+                         f"got [{c.min().item()}, {c.max().item()}]")
     G, M = c.shape
     c = torch.nn.functional.pad(c, (0, -M % 8))  # (G, 8 * words)
     shifts = torch.arange(8, device=c.device) * bits

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
-from edkm.functional.naive import dkm_naive
 from edkm.functional.autograd import dkm_table
+from edkm.functional.naive import dkm_naive
 
 
 def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,6 @@ __all__ = [
     "load_smollm2",
     "load_llama",
     "tiny_llama",
-    "perplexity",
 ]
 
 CACHE_ENV = "EDKM_CACHE_DIR"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edkm.config import DKMConfig

@@ -19,6 +19,7 @@ allocation), `model` (`lowrank_model`, reports).
 from edkm.lowrank.budget import allocate_ranks, direction_costs
 from edkm.lowrank.calibrate import CalibrationStats, causal_lm_loss, collect_input_stats
 from edkm.lowrank.config import LowRankConfig
+from edkm.lowrank.decompose import LayerReport, LowRankReport, lowrank_model
 from edkm.lowrank.factor import (
     DEFAULT_DAMPING,
     Factorization,
@@ -28,7 +29,6 @@ from edkm.lowrank.factor import (
     parity_rank,
     relative_output_error,
 )
-from edkm.lowrank.decompose import LayerReport, LowRankReport, lowrank_model
 from edkm.lowrank.layers import LowRankLinear, decompose_group, decompose_linear
 
 __all__ = [

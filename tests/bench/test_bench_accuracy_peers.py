@@ -15,7 +15,7 @@ from bench.accuracy_peers import (  # noqa: E402
     ct_skm,
     select_linears,
 )
-from edkm.hub.models import tiny_llama# noqa: E402
+from edkm.hub.models import tiny_llama  # noqa: E402
 
 BITS, GROUP = 3, 16  # tiny_llama(64, 2): out_features 64, 32 (k/v) and 176 (MLP) all divide by 16
 

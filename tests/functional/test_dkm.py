@@ -14,7 +14,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tolerance import assert_equal_fp64, assert_within_rule
 
 from edkm.functional import dkm, kmeans_init
@@ -39,7 +38,8 @@ def _data(n, d, groups, dtype, distinct=None, seed=0):
 def _run(w, g, c0, uniquify, **kw):
     x = w.clone().requires_grad_(True)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    out, c = dkm(x, c0.to(cdt), tau=kw.get("tau", TAU), max_iters=kw.get("max_iters", 3), eps=kw.get("eps", 0.0), uniquify=uniquify)
+    out, c = dkm(x, c0.to(cdt), tau=kw.get("tau", TAU), max_iters=kw.get("max_iters", 3), eps=kw.get("eps", 0.0),
+                 uniquify=uniquify)
     out.backward(g)
     return {"out": out.detach().double(), "centroids": c.double(), "grad": x.grad.double()}
 

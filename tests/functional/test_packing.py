@@ -49,7 +49,8 @@ def test_groups_pack_independently():
     assert torch.equal(unpack_codes(packed, 3, 21), c.to(torch.uint8))
 
 
-@pytest.mark.parametrize("bad,match", [(torch.tensor([[0, 8]]), r"\[0, 7\] for 3 bits, got \[0, 8\]"), (torch.tensor([[-1, 0]]), r"got \[-1, 0\]")])
+@pytest.mark.parametrize("bad,match", [(torch.tensor([[0, 8]]), r"\[0, 7\] for 3 bits, got \[0, 8\]"),
+                                       (torch.tensor([[-1, 0]]), r"got \[-1, 0\]")])
 def test_pack_rejects_out_of_range(bad, match):
     with pytest.raises(ValueError, match=match):
         pack_codes(bad, 3)

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from tolerance import assert_within_rule
 
 from edkm.functional import dkm, kmeans_init

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import edkm
+from edkm.hub.models import tiny_llama
+from edkm.layers import LUTLinear
 from edkm.lowrank import (
     LowRankConfig,
     LowRankLinear,
@@ -23,8 +25,6 @@ from edkm.lowrank import (
     lowrank_model,
     parity_rank,
 )
-from edkm.hub.models import tiny_llama
-from edkm.layers import LUTLinear
 
 F64 = torch.float64
 
