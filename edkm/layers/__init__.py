@@ -2,6 +2,6 @@
 layers (`lut.py`)."""
 
 from edkm.layers.lut import LUTEmbedding, LUTLinear
-from edkm.layers.parametrization import DKMWeight, to_points, weight_groups
+from edkm.layers.parametrization import DKMWeight, clustered_layers, to_points, weight_groups
 
-__all__ = ["DKMWeight", "LUTEmbedding", "LUTLinear", "to_points", "weight_groups"]
+__all__ = ["DKMWeight", "LUTEmbedding", "LUTLinear", "clustered_layers", "to_points", "weight_groups"]

@@ -17,9 +17,11 @@ dimension d (consecutive input features form a vector). Per-tensor LUTs use one 
 from __future__ import annotations
 
 import contextlib
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from edkm.config import DKMConfig
 from edkm.functional import check_importance, dkm, kmeans_init
@@ -120,3 +122,13 @@ class DKMWeight(nn.Module):
         G, K, d = self.centroids.shape
         weighted = ", importance-weighted" if hasattr(self, "importance") else ""
         return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}{weighted}"
+
+
+def clustered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMWeight]]:
+    """Yield ``(name, module, parametrization)`` for every layer of ``model`` that
+    `edkm.prepare` gave a `DKMWeight`."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, DKMWeight):
+                    yield name, module, p
