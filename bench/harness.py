@@ -260,3 +260,21 @@ def write_rows(path: str | os.PathLike, rows: Sequence[dict], *, append: bool = 
     with path.open("a" if append else "w") as f:
         for r in rows:
             f.write(json.dumps(r, default=str) + "\n")
+
+
+def coreml_dkm_palettizer():
+    """coremltools' ``(DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig)``, imported
+    with its import-time warnings and INFO logs silenced (the peer every DKM bench compares to).
+    Raises whatever the import raises (ImportError, or a coremltools that breaks on this torch)."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        from coremltools.optimize.torch.palettization import (
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            ModuleDKMPalettizerConfig,
+        )
+    return DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig

@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from bench.harness import REPO, env_info, format_table, run_isolated
+from bench.harness import REPO, coreml_dkm_palettizer, env_info, format_table, run_isolated
 from bench.scale_plan import memory_plan
 
 LLAMA7B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "seq": 512}
@@ -77,14 +75,7 @@ def _prepare(layer, name: str, bits: int, iters: int) -> None:
         edkm.prepare(layer, edkm.DKMConfig(bits=bits, granularity=name, group_size=GROUP_SIZE, max_iters=iters,
                                            cluster_dtype="bfloat16", min_weight_numel=0))
     elif name == "coremltools":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("coremltools").setLevel(logging.ERROR)
-            from coremltools.optimize.torch.palettization import (
-                DKMPalettizer,
-                DKMPalettizerConfig,
-                ModuleDKMPalettizerConfig,
-            )
+        DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig = coreml_dkm_palettizer()
         module_cfg = ModuleDKMPalettizerConfig(n_bits=bits, granularity="per_tensor", kmeans_max_iter=iters,
                                                weight_threshold=0, milestone=0)
         DKMPalettizer(layer, DKMPalettizerConfig(global_config=module_cfg)).prepare(inplace=True)

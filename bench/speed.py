@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +63,16 @@ import torch
 if __package__ in (None, ""):  # run as `python bench/speed.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import Case, env_info, format_table, peak_memory, run_interleaved, run_isolated, write_rows
+from bench.harness import (
+    Case,
+    coreml_dkm_palettizer,
+    env_info,
+    format_table,
+    peak_memory,
+    run_interleaved,
+    run_isolated,
+    write_rows,
+)
 from edkm.config import GRANULARITIES
 from edkm.functional import dkm, kmeans_init
 
@@ -153,14 +160,7 @@ def coreml_case(w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, args: argpar
     ``c0`` is (G, K, 1): one warm-start LUT per coremltools partition (group_size rows each).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("coremltools").setLevel(logging.ERROR)
-            from coremltools.optimize.torch.palettization import (
-                DKMPalettizer,
-                DKMPalettizerConfig,
-                ModuleDKMPalettizerConfig,
-            )
+        DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig = coreml_dkm_palettizer()
     except Exception as e:  # ImportError, or a coremltools that breaks on this torch
         return Case("coremltools", skip=f"coremltools unusable ({type(e).__name__}: {e})"), None
     try:

@@ -19,3 +19,12 @@ if not torch.cuda.is_available():
 def _seed() -> None:
     """Every test starts from the same global RNG state (tests that need others seed their own)."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op torch thread (peers that compare numbers across runs)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

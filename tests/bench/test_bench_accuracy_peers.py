@@ -20,12 +20,7 @@ from edkm.hub.models import tiny_llama  # noqa: E402
 BITS, GROUP = 3, 16  # tiny_llama(64, 2): out_features 64, 32 (k/v) and 176 (MLP) all divide by 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _windows(n: int, seed: int = 0) -> torch.Tensor:
