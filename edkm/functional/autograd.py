@@ -51,6 +51,7 @@ class TableOps:
     gather_rows: Callable[..., Tensor]
     element_grad: Callable[..., Tensor]
     table_iterate: Callable[..., tuple[Tensor, Tensor]]
+    table_forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     table_rows: Callable[..., Tensor]
     table_bwd: Callable[..., tuple[Tensor, Tensor]]
 
@@ -61,17 +62,19 @@ TORCH_OPS = TableOps(
     gather_rows=tbl.gather_rows,
     element_grad=tbl.element_grad,
     table_iterate=tbl.table_iterate,
+    table_forward=tbl.table_forward,
     table_rows=tbl.table_rows,
     table_bwd=tbl.table_bwd,
 )
 
 
 def _iterate(ops: TableOps, values: Tensor, mass: Tensor, c0: Tensor, tau: float, max_iters: int, eps: float,
-             reduce: Reduce | None) -> tuple[Tensor, Tensor]:
-    """(c_hist, den_hist) of up to ``max_iters`` iterations; with ``eps`` > 0, stop once no
-    centroid moves more than ``eps`` (one pass per iteration, so the host can decide)."""
+             reduce: Reduce | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_hist, den_hist, rows) of up to ``max_iters`` iterations; with ``eps`` > 0, stop
+    once no centroid moves more than ``eps`` (one pass per iteration, so the host can
+    decide, then one pass for the rows)."""
     if eps == 0.0:
-        return ops.table_iterate(values, mass, c0, tau, max_iters, reduce)
+        return ops.table_forward(values, mass, c0, tau, max_iters, reduce)
     cs, dens = [c0], []
     for t in range(max_iters):
         ch, dh = ops.table_iterate(values, mass, cs[-1], tau, 1, reduce)
@@ -79,7 +82,8 @@ def _iterate(ops: TableOps, values: Tensor, mass: Tensor, c0: Tensor, tau: float
         dens.append(dh[:, 0])
         if t + 1 < max_iters and (cs[-1] - cs[-2]).norm(dim=-1).max().item() <= eps:
             break
-    return torch.stack(cs, 1), torch.stack(dens, 1)
+    rows = ops.table_rows(values, cs[-2], cs[-1], tau)
+    return torch.stack(cs, 1), torch.stack(dens, 1), rows
 
 
 class _TableDKM(torch.autograd.Function):
@@ -94,10 +98,9 @@ class _TableDKM(torch.autograd.Function):
             U = table.values.shape[1]
             mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
         c0 = centroids.detach().to(table.values.dtype, copy=True)  # the caller may update it in place
-        with record_function("edkm::iterations"):
-            c_hist, den_hist = _iterate(ops, table.values, mass, c0, tau, max_iters, eps, reduce)
+        with record_function("edkm::iterations"):  # and the soft value of every row, (G, U, d)
+            c_hist, den_hist, rows = _iterate(ops, table.values, mass, c0, tau, max_iters, eps, reduce)
         with record_function("edkm::soft_weights"):
-            rows = ops.table_rows(table.values, c_hist[:, -2], c_hist[:, -1], tau)  # (G, U, d)
             out = ops.gather_rows(points, index, rows)
         c_last = c_hist[:, -1].clone()
         ctx.save_for_backward(points, table.values, table.counts, table.keys, mass, c_hist, den_hist)  # via hooks

@@ -48,34 +48,55 @@ def soft_assign(x: Tensor, c: Tensor, tau: float) -> Tensor:
     return torch.softmax(sq_dist(x, c) / -tau, dim=-1)
 
 
-def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None,
-                     return_den: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``.
-
-    A centroid whose soft mass ``sum_i n_i a_ik`` is below `MIN_MASS` (a millionth of
-    one weight: every weight sits near another centroid and tau is small) keeps its
-    previous value and passes no gradient. Dividing by such a mass gives 0/0 at exact 0,
-    and at tiny positive masses (denormals, as exp(-D/tau) underflows) a backward of
-    1/mass^2 that overflows fp32 to inf and then NaN: seen training SmolLM2 with
-    16-row LUT groups, where range-seeded centroids sit in gaps between weights.
+def centroid_sums(x: Tensor, a: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Numerators ``A^T (n x)`` (G, K, d) and denominators ``A^T n`` (G, K, 1) of the update.
 
     Args:
         x: (G, U, d) points. a: (G, U, K) assignment. weights: (G, U) counts or None.
-        c_prev: (G, K, d) centroids the map was computed with.
-        reduce: Sums the (G, K, d + 1) numerator/denominator over the ranks that each
-            hold a shard of the points (`edkm.functional.shard`); None for one process.
-        return_den: Also return the (G, K, 1) denominators ``A^T n`` (after ``reduce``).
-    Returns:
-        (G, K, d) new centroids, and the denominators with ``return_den``.
     """
     w = a if weights is None else a * weights.unsqueeze(-1)  # (G, U, K)
-    num = torch.einsum("guk,gud->gkd", w, x)  # (G, K, d)
-    den = w.sum(1).unsqueeze(-1)  # (G, K, 1)
+    return torch.einsum("guk,gud->gkd", w, x), w.sum(1).unsqueeze(-1)
+
+
+def centroids_from_sums(num: Tensor, den: Tensor, c_prev: Tensor, reduce: Reduce | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """New centroids ``num / den`` from `centroid_sums` (summed over ranks by ``reduce``).
+
+    A centroid whose soft mass ``den`` is below `MIN_MASS` (a millionth of one weight:
+    every weight sits near another centroid and tau is small) keeps its previous value and
+    passes no gradient. Dividing by such a mass gives 0/0 at exact 0, and at tiny positive
+    masses (denormals, as exp(-D/tau) underflows) a backward of 1/mass^2 that overflows
+    fp32 to inf and then NaN: seen training SmolLM2 with 16-row LUT groups, where
+    range-seeded centroids sit in gaps between weights.
+
+    Args:
+        num: (G, K, d). den: (G, K, 1). c_prev: (G, K, d) centroids the map was computed with.
+        reduce: Sums the (G, K, d + 1) numerator/denominator over the ranks that each
+            hold a shard of the points (`edkm.functional.shard`); None for one process.
+    Returns:
+        ``(c, den)``: (G, K, d) new centroids and the (G, K, 1) denominators after ``reduce``.
+    """
     if reduce is not None:
         both = reduce(torch.cat([num, den], dim=-1))  # one collective per iteration
         num, den = both[..., :-1], both[..., -1:]
     empty = den < MIN_MASS
-    c = torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den))
+    return torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den)), den
+
+
+def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None,
+                     return_den: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``: `centroid_sums` then
+    `centroids_from_sums` (which says how empty centroids are kept).
+
+    Args:
+        x: (G, U, d) points. a: (G, U, K) assignment. weights: (G, U) counts or None.
+        c_prev: (G, K, d) centroids the map was computed with.
+        reduce: See `centroids_from_sums`.
+        return_den: Also return the (G, K, 1) denominators ``A^T n`` (after ``reduce``).
+    Returns:
+        (G, K, d) new centroids, and the denominators with ``return_den``.
+    """
+    c, den = centroids_from_sums(*centroid_sums(x, a, weights), c_prev, reduce)
     return (c, den) if return_den else c
 
 

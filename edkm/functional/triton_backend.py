@@ -17,23 +17,32 @@ from edkm.functional import table as tbl
 from edkm.functional.autograd import TableOps
 
 
+def _rowmap(index: tbl.PatternIndex | Tensor) -> Tensor:
+    """The (G, 65536) int32 pattern -> row map the kernels read, from the torch index."""
+    if not isinstance(index, tbl.PatternIndex):
+        return index
+    rowmap = index.rows.new_zeros(index.rows.shape[0], tbl.N_PATTERNS)
+    rowmap[:, index.col >= 0] = index.rows
+    return rowmap
+
+
 def _build(points: Tensor) -> tbl.Table:
     return tbl.table_from_histogram(kernels.triton_histogram(points[..., 0]), points.dtype)
 
 
 def _segment_sum(points: Tensor, grad: Tensor, index: Tensor, n_rows: int) -> Tensor:
-    return kernels.triton_segment_sum(points[..., 0], grad[..., 0], index, n_rows).unsqueeze(-1)
+    return kernels.triton_segment_sum(points[..., 0], grad[..., 0], _rowmap(index), n_rows).unsqueeze(-1)
 
 
 def _gather_rows(points: Tensor, index: Tensor, rows: Tensor) -> Tensor:
-    return kernels.triton_gather_rows(points[..., 0], index, rows[..., 0]).unsqueeze(-1)
+    return kernels.triton_gather_rows(points[..., 0], _rowmap(index), rows[..., 0]).unsqueeze(-1)
 
 
 def _element_grad(points: Tensor, grad: Tensor, index: Tensor, jac: Tensor, shared: Tensor,
                   scale: Tensor | None = None) -> Tensor:
     if scale is not None:
         raise ValueError("the Triton element gradient takes no importance scale; use backend='torch'")
-    return kernels.triton_element_grad(points[..., 0], grad[..., 0], index, jac, shared[..., 0]).unsqueeze(-1)
+    return kernels.triton_element_grad(points[..., 0], grad[..., 0], _rowmap(index), jac, shared[..., 0]).unsqueeze(-1)
 
 
 def _no_reduce(reduce) -> None:
@@ -45,6 +54,11 @@ def _table_iterate(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters
     _no_reduce(reduce)
     c_hist, den_hist = kernels.triton_table_iterate(values[..., 0], mass, c0[..., 0], tau, n_iters)
     return c_hist.unsqueeze(-1), den_hist
+
+
+def _table_forward(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int, reduce=None):
+    c_hist, den_hist = _table_iterate(values, mass, c0, tau, n_iters, reduce)
+    return c_hist, den_hist, _table_rows(values, c_hist[:, -2], c_hist[:, -1], tau)
 
 
 def _table_rows(values: Tensor, c_prev: Tensor, c_last: Tensor, tau: float) -> Tensor:
@@ -74,6 +88,7 @@ def triton_ops(deterministic: bool = False) -> TableOps:
         gather_rows=_gather_rows,
         element_grad=_element_grad,
         table_iterate=_table_iterate,
+        table_forward=_table_forward,
         table_rows=_table_rows,
         table_bwd=_table_bwd,
     )

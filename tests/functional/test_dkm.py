@@ -212,3 +212,35 @@ def test_centroid_with_denormal_mass_gives_finite_gradients(uniquify):
     out.backward(torch.ones_like(out))
     assert torch.isfinite(w.grad).all() and torch.isfinite(out).all()
     assert c[2, 0].item() == pytest.approx(0.0975)  # kept, not moved by a denormal mass
+
+
+@pytest.mark.parametrize("n,d,groups,dtype", [(700, 1, 5, torch.bfloat16), (333, 2, 4, torch.float32),
+                                               (20001, 1, 2, torch.float16), (333, 2, 4, torch.float64)])
+def test_table_blocks_and_recomputed_maps_change_nothing(monkeypatch, n, d, groups, dtype):
+    """One group per block, and maps recomputed instead of kept, against one block holding
+    every group with its maps kept: the same bits for d = 1
+    (elementwise ops and reductions along U only); for d > 1 the einsums may order their
+    sums differently by batch size, so there the rule against the naive fp64 path holds
+    (and fp64 equality in fp64)."""
+    from edkm.functional import table as tbl
+
+    w, g, c0 = _data(n, d, groups, dtype)
+    monkeypatch.setattr(tbl, "TABLE_BLOCK", 1 << 40)
+    monkeypatch.setattr(tbl, "KEEP_MAPS", 1 << 40)
+    assert len(tbl._group_blocks(groups, n, 8, d)) == 1 and tbl._keeps_maps(groups, n, 8)
+    want = _run(w, g, c0, uniquify=True)
+    monkeypatch.setattr(tbl, "TABLE_BLOCK", 1)
+    monkeypatch.setattr(tbl, "KEEP_MAPS", 0)
+    assert len(tbl._group_blocks(groups, n, 8, d)) == groups and not tbl._keeps_maps(groups, 1, 1)
+    got = _run(w, g, c0, uniquify=True)
+    if d == 1:
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        return
+    ref = _run(w.double(), g.double(), c0, uniquify=False)
+    naive = _run(w, g, c0, uniquify=False)
+    for key in want:
+        if dtype == torch.float64:
+            assert_equal_fp64(f"blocked {key}", got[key], ref[key])
+        else:
+            assert_within_rule(f"blocked {key} vs naive", got[key], naive[key], ref[key])

@@ -109,9 +109,9 @@ def test_gather_rows_is_bit_exact(groups, n, dtype):
     assert_ulps("gather", got, want, 0)
 
 
-def _rows_of(w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _rows_of(w: torch.Tensor, index: tbl.PatternIndex) -> torch.Tensor:
     """(G, N) table row of every point, looked up without the chunked passes."""
-    return index.gather(1, tbl._pattern(w[..., 0])).long()
+    return index.rows.gather(1, index.col[tbl._pattern(w[..., 0])].long()).long()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
