@@ -48,6 +48,8 @@ def dkm(
     backend: str = "auto",
     shard: bool = False,
     importance: Tensor | None = None,
+    cast: torch.dtype | None = None,
+    rebuild: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Soft-cluster ``points`` with differentiable k-means.
 
@@ -76,11 +78,23 @@ def dkm(
             gradient flows into them. Scale them to mean ~1 (a centroid whose mass is
             below 1e-6 is frozen). Runs on the torch backend (``"auto"`` picks it; an
             explicit ``"triton"`` is an error) and not with active sharding.
+        cast: Cluster ``points.to(cast)`` (e.g. bf16 of fp32 master weights); the soft
+            points come out in ``cast`` and the gradient reaches ``points`` in its own
+            dtype, as if the caller had cast first. None: the points' own dtype.
+        rebuild: Table path only: hold nothing for backward but ``points`` (with
+            ``cast``, the caller's tensor, not the cast copy) and the centroid history;
+            backward rebuilds the table. Bitwise the same results, one more table build.
     Returns:
-        ``(soft_points, new_centroids)``: soft points shaped and typed like ``points``,
-        and fp32 detached centroids shaped like ``centroids``.
+        ``(soft_points, new_centroids)``: soft points shaped like ``points`` (typed like
+        them, or ``cast``), and fp32 detached centroids shaped like ``centroids``.
     """
     _check(points, centroids, tau, max_iters, eps)
+    if rebuild and not uniquify:
+        raise ValueError("rebuild=True rebuilds the table in backward; it needs uniquify=True")
+    if rebuild and shard and sharding_active():
+        raise ValueError("rebuild=True runs in one process; use shard=False (or rebuild=False) with sharding")
+    if cast is not None and (not uniquify or (shard and sharding_active())) or cast == points.dtype:
+        points, cast = points.to(cast), None  # cast outside: the naive and sharded paths take 16-bit points
     grouped = points.dim() == 3
     p = points if grouped else points.unsqueeze(0)
     c = centroids if grouped else centroids.unsqueeze(0)
@@ -92,16 +106,19 @@ def dkm(
             raise ValueError("importance-weighted DKM does not support sharding yet; use shard=False")
         if backend == "triton":
             raise ValueError("importance-weighted DKM runs on the torch backend; use backend='torch' or 'auto'")
-        fn = dkm_table if uniquify else dkm_naive
-        out, new_c = fn(p, c, float(tau), int(max_iters), float(eps), None, imp)
+        if uniquify:
+            out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), None, imp, cast=cast, rebuild=rebuild)
+        else:
+            out, new_c = dkm_naive(p, c, float(tau), int(max_iters), float(eps), None, imp)
     elif shard and sharding_active():
         out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
-    elif resolve_backend(backend, p, uniquify) == "triton":
+    elif resolve_backend(backend, p if cast is None else p[:, :1].to(cast), uniquify) == "triton":
         ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
-        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops)
+        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops, cast=cast, rebuild=rebuild)
+    elif uniquify:
+        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), cast=cast, rebuild=rebuild)
     else:
-        fn = dkm_table if uniquify else dkm_naive
-        out, new_c = fn(p, c, float(tau), int(max_iters), float(eps))
+        out, new_c = dkm_naive(p, c, float(tau), int(max_iters), float(eps))
     return (out, new_c) if grouped else (out[0], new_c[0])
 
 

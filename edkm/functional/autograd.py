@@ -91,50 +91,72 @@ class _TableDKM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float, ops: TableOps,
-                reduce: Reduce | None, importance: Tensor | None):
+                reduce: Reduce | None, importance: Tensor | None, cast: torch.dtype | None, rebuild: bool):
+        pts = points if cast is None else points.to(cast)
         with record_function("edkm::table_build"):
-            table = ops.build(points)
-            index = table.index()
-            U = table.values.shape[1]
-            mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
+            table, index, mass = _build(ops, pts, importance)
         c0 = centroids.detach().to(table.values.dtype, copy=True)  # the caller may update it in place
         with record_function("edkm::iterations"):  # and the soft value of every row, (G, U, d)
             c_hist, den_hist, rows = _iterate(ops, table.values, mass, c0, tau, max_iters, eps, reduce)
         with record_function("edkm::soft_weights"):
-            out = ops.gather_rows(points, index, rows)
+            out = ops.gather_rows(pts, index, rows)
         c_last = c_hist[:, -1].clone()
-        ctx.save_for_backward(points, table.values, table.counts, table.keys, mass, c_hist, den_hist)  # via hooks
+        if rebuild:  # the caller's points (a view of the weight) and the centroid history only
+            ctx.save_for_backward(points, c_hist, den_hist)
+        else:  # via hooks
+            ctx.save_for_backward(pts, table.values, table.counts, table.keys, mass, c_hist, den_hist)
         # importance: a constant the caller keeps (DKMWeight's buffer); held by reference so
         # saved-tensor offload does not copy it every step
         ctx.tau, ctx.ops, ctx.reduce, ctx.importance = tau, ops, reduce, importance
-        ctx.bit_pattern = table.bit_pattern
+        ctx.bit_pattern, ctx.cast, ctx.rebuild, ctx.dtype = table.bit_pattern, cast, rebuild, points.dtype
         ctx.mark_non_differentiable(c_last)
         return out, c_last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_centroids: Tensor):
-        points, values, counts, keys, mass, c_hist, den_hist = ctx.saved_tensors
         ops = ctx.ops
         with record_function("edkm::table_build"):
-            index = tbl.Table(values, counts, keys, ctx.bit_pattern).index()
+            if ctx.rebuild:
+                points, c_hist, den_hist = ctx.saved_tensors
+                pts = points if ctx.cast is None else points.to(ctx.cast)
+                table, index, mass = _build(ops, pts, ctx.importance)
+                values = table.values
+            else:
+                pts, values, counts, keys, mass, c_hist, den_hist = ctx.saved_tensors
+                index = tbl.Table(values, counts, keys, ctx.bit_pattern).index()
         with record_function("edkm::backward_replay"):
-            seg = ops.segment_sum(points, grad_out, index, values.shape[1])  # (G, U, d)
+            seg = ops.segment_sum(pts, grad_out, index, values.shape[1])  # (G, U, d)
             jac, shared = ops.table_bwd(values, mass, seg, c_hist, den_hist, ctx.tau, ctx.reduce)
         with record_function("edkm::element_grad"):
-            grad_points = ops.element_grad(points, grad_out, index, jac, shared, ctx.importance)
-        return grad_points, None, None, None, None, None, None, None
+            grad_points = ops.element_grad(pts, grad_out, index, jac, shared, ctx.importance)
+        if ctx.cast is not None:  # the backward of the cast
+            grad_points = grad_points.to(ctx.dtype)
+        return grad_points, None, None, None, None, None, None, None, None, None
+
+
+def _build(ops: TableOps, points: Tensor, importance: Tensor | None) -> tuple[tbl.Table, object, Tensor]:
+    """``(table, index, mass)`` of ``points``: mass is the counts, or the importance mass."""
+    table = ops.build(points)
+    index = table.index()
+    U = table.values.shape[1]
+    mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
+    return table, index, mass
 
 
 def dkm_table(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float,
               reduce: Reduce | None = None, importance: Tensor | None = None,
-              ops: TableOps = TORCH_OPS) -> tuple[Tensor, Tensor]:
+              ops: TableOps = TORCH_OPS, cast: torch.dtype | None = None,
+              rebuild: bool = False) -> tuple[Tensor, Tensor]:
     """Uniquified DKM; same contract as `edkm.functional.naive.dkm_naive`.
 
     Args:
         ops: Who runs the passes (`TORCH_OPS`, or `edkm.functional.triton_ops()` for bf16 /
             fp16 points with d = 1, without ``reduce`` or ``importance``).
+        cast: Cluster ``points.to(cast)``; the gradient returns in ``points.dtype``.
+        rebuild: Hold only ``points`` and the centroid history; rebuild the table in
+            backward (see `edkm.functional.dkm`).
     """
-    out, c_last = _TableDKM.apply(points, centroids, tau, max_iters, eps, ops, reduce, importance)
+    out, c_last = _TableDKM.apply(points, centroids, tau, max_iters, eps, ops, reduce, importance, cast, rebuild)
     return out, c_last
 
 

@@ -104,15 +104,17 @@ class DKMWeight(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         cfg, c = self.config, self.centroids
-        points = self.points(weight)
         if not self.training:
+            points = self.points(weight)
             idx = nearest(points, c)
             hard = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
             return hard.to(weight.dtype).reshape(weight.shape)
+        cast = None if cfg.cluster_dtype == "weight" else getattr(torch, cfg.cluster_dtype)
+        points = to_points(weight, self.groups, cfg.cluster_dim)  # a view of the weight; dkm casts it
         with offload_saved_tensors() if cfg.offload else contextlib.nullcontext():
             soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps,
                               uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard,
-                              importance=self._importance())
+                              importance=self._importance(), cast=cast, rebuild=cfg.rebuild)
         with torch.no_grad():
             self.drift.copy_((new_c - c).norm(dim=-1).max())
             self.centroids.copy_(new_c)

@@ -244,3 +244,39 @@ def test_table_blocks_and_recomputed_maps_change_nothing(monkeypatch, n, d, grou
             assert_equal_fp64(f"blocked {key}", got[key], ref[key])
         else:
             assert_within_rule(f"blocked {key} vs naive", got[key], naive[key], ref[key])
+
+
+@pytest.mark.parametrize("importance", [False, True])
+def test_rebuild_holds_only_the_centroid_history_and_changes_no_bit(importance):
+    """``rebuild=True`` with ``cast``: the same outputs, centroids and gradients as
+    casting outside and holding the table, while backward holds only the centroid
+    history (the fp32 weight is a parameter, resident anyway)."""
+    from edkm import offload_saved_tensors
+
+    groups, n, k, T = 4, 3000, 8, 3
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(groups, n, 1, generator=gen) * 0.02
+    g = torch.randn(groups, n, 1, generator=gen).to(torch.bfloat16)
+    imp = torch.rand(groups, n, generator=gen) if importance else None
+    c0 = kmeans_init(w.to(torch.bfloat16), k, iters=5)
+    runs = {}
+    for mode in ("outside", "inside", "rebuild"):
+        x = torch.nn.Parameter(w.clone())
+        pts, cast = (x.to(torch.bfloat16), None) if mode == "outside" else (x, torch.bfloat16)
+        with offload_saved_tensors(device="cpu", min_bytes=1 << 62) as stats:
+            out, c = dkm(pts, c0, tau=TAU, max_iters=T, cast=cast, rebuild=mode == "rebuild", importance=imp)
+        held = stats.to_dict()["bytes_held"].get("cpu", 0)
+        out.float().backward(g.float())
+        runs[mode] = (out.detach(), c, x.grad, held)
+    for mode in ("inside", "rebuild"):
+        for a, b in zip(runs[mode][:3], runs["outside"][:3]):
+            assert a.dtype == b.dtype and torch.equal(a, b), mode
+    history = groups * (T + 1) * k * 4 + groups * T * k * 4  # c_hist and den_hist, fp32
+    assert runs["rebuild"][3] <= history, runs["rebuild"][3]
+    assert runs["inside"][3] >= n * groups * 2 + history  # the bf16 cast and the table besides
+
+
+def test_rebuild_needs_the_table_path():
+    w, g, c0 = _data(500, 1, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="uniquify=True"):
+        dkm(w, c0, tau=TAU, max_iters=2, uniquify=False, rebuild=True)
