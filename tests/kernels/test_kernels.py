@@ -290,7 +290,7 @@ def test_deterministic_mode_swaps_the_atomic_segment_sum(monkeypatch):
     assert triton_ops(deterministic=True).segment_sum is tbl.segment_sum
     assert triton_ops().segment_sum is not tbl.segment_sum
     seen = []
-    monkeypatch.setattr(functional, "dkm_table", lambda *a, ops: seen.append(ops) or (a[0], a[1]))
+    monkeypatch.setattr(functional, "dkm_table", lambda *a, ops, **kw: seen.append(ops) or (a[0], a[1]))
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     w = torch.zeros(1, 16, 1, dtype=torch.bfloat16, device=DEVICE)
     dkm(w, torch.zeros(1, 2, 1, device=DEVICE), tau=TAU, max_iters=1, backend="triton")
