@@ -12,6 +12,8 @@ Rows:
     naive               plain autograd DKM, (N, K) maps saved per iteration
     +orchestration      naive under `edkm.offload_saved_tensors` (saved tensors -> CPU)
     +uniquification     the exact table path (`uniquify=True`)
+    +rebuild            the table path holding only the centroid history; backward
+                        rebuilds the table from the weight (`rebuild=True`)
     +sharding           naive with the work and saved maps split over R ranks
     all                 uniquify + orchestration + sharding
     coremltools         DKMPalettizer on the same weights (CPU: plain DKM; its eDKM
@@ -22,7 +24,8 @@ holds for backward at the end of the forward, on the compute device / on the hos
 (counted by the orchestration tracker; the weights themselves, resident anyway, are not
 counted); ``peak_bytes``: peak memory growth over one forward+backward (CUDA
 max_memory_allocated; CPU: VmHWM, see bench/harness.py); ``seconds`` per
-forward+backward; ``reduction`` = naive device_bytes / row device_bytes. With ranks, a
+forward+backward; ``reduction`` = naive device_bytes / row device_bytes;
+``weight_fraction`` = (device + host) bytes held / the four weights' own bytes. With ranks, a
 row shows rank 0's numbers (every rank holds the same share). On a CPU-only machine the
 "device" is the CPU and orchestration copies into a separate CPU pool, so the two
 columns still separate what the technique moved.
@@ -52,6 +55,7 @@ ROWS = {
     "naive": dict(uniquify=False, offload=False, shard=False),
     "+orchestration": dict(uniquify=False, offload=True, shard=False),
     "+uniquification": dict(uniquify=True, offload=False, shard=False),
+    "+rebuild": dict(uniquify=True, offload=False, shard=False, rebuild=True),
     "+sharding": dict(uniquify=False, offload=False, shard=True),
     "all": dict(uniquify=True, offload=True, shard=True),
 }
@@ -89,7 +93,8 @@ def _step(ws, gs, c0s, technique: dict, stats_out: dict | None) -> None:
     with ctx as stats:
         for w, c0 in zip(ws, c0s):
             out, _ = dkm(w.view(c0.shape[0], -1, 1), c0, tau=TAU, max_iters=ITERS, uniquify=technique["uniquify"],
-                         shard=technique["shard"], backend="torch")  # (G, N / G, 1)
+                         shard=technique["shard"], backend="torch",
+                         rebuild=technique.get("rebuild", False))  # (G, N / G, 1)
             outs.append(out.view_as(w))
     if stats_out is not None:
         snap = stats.to_dict()
@@ -246,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         r["device_mib"] = None if db is None else db / 2**20
         r["host_mib"] = None if r.get("host_bytes") is None else r["host_bytes"] / 2**20
         r["peak_mib"] = None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20
-    print(format_table(rows, ["technique", "device_mib", "host_mib", "peak_mib", "seconds", "reduction", "error"]))
+        held = None if db is None else db + (r.get("host_bytes") or 0)
+        r["weight_fraction"] = None if held is None else held / (4 * size * size * 2)  # four bf16 weights
+    print(format_table(rows, ["technique", "device_mib", "host_mib", "peak_mib", "seconds", "reduction",
+                              "weight_fraction", "error"]))
     if args.out:
         env = env_info(device)
         meta = {"shapes": [[size, size]] * 4, "bits": BITS, "ranks": args.ranks, "scaled_down": scaled,
                 "granularity": args.granularity, "group_size": group_size, "lut_groups": G, **env}
         payload = [{**{k: r.get(k) for k in ("technique", "device_bytes", "host_bytes", "peak_bytes", "seconds",
-                                             "reduction", "error")}, **meta} for r in rows]
+                                             "reduction", "weight_fraction", "error")}, **meta} for r in rows]
         Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
         write_rows(Path(args.out).with_suffix(".jsonl"), payload)
     return 0

@@ -22,7 +22,7 @@ def test_script_rows_with_grouped_luts(tmp_path: Path) -> None:
     granularity, groups = "per_grouped_channel", 4
     out = tmp_path / "ablation.json"
     proc = subprocess.run([sys.executable, "-m", "bench.ablation", "--size", "64", "--repeats", "1",
-                           "--rows", "naive,+uniquification", "--granularity", granularity, "--group-size", "16",
+                           "--rows", "naive,+uniquification,+rebuild", "--granularity", granularity, "--group-size", "16",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     rows = {r["technique"]: r for r in json.loads(out.read_text())}
@@ -32,6 +32,10 @@ def test_script_rows_with_grouped_luts(tmp_path: Path) -> None:
         assert r["group_size"] == 16
     naive, table = rows["naive"]["device_bytes"], rows["+uniquification"]["device_bytes"]
     assert 0 < table < naive, f"table path holds {table} B, naive {naive} B"
+    rebuild = rows["+rebuild"]
+    history = groups * 4 * (2 * 3 + 1) * 8 * 4  # four matrices' c_hist and den_hist: G (T + 1 + T) K fp32
+    assert rebuild["device_bytes"] == history, rebuild
+    assert rebuild["weight_fraction"] == history / (4 * 64 * 64 * 2) < rows["+uniquification"]["weight_fraction"]
     assert f"{groups} LUTs of 16 rows" in proc.stdout
 
 
