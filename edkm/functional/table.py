@@ -119,6 +119,12 @@ def _pattern(x: Tensor) -> Tensor:
     return x.view(torch.int16).to(torch.int64) & 0xFFFF
 
 
+def _take(table: Tensor, idx: Tensor) -> Tensor:
+    """``table[idx]`` for a 1-D ``table`` through ``index_select`` (4x faster than advanced
+    indexing on CPU, measured on 2**18 points), shaped like ``idx``."""
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def _pattern_values(patterns: Tensor, dtype: torch.dtype) -> Tensor:
     """Inverse of `_pattern`: int64 patterns in [0, 65535] -> values in ``dtype``."""
     signed = torch.where(patterns >= 1 << 15, patterns - (1 << 16), patterns)
@@ -167,13 +173,13 @@ def pattern_histogram(points: Tensor) -> tuple[Tensor, Tensor]:
     if N >= CHUNK:  # large groups (per-tensor LUTs): slices of one group
         for g in range(G):
             for s in range(0, N, CHUNK):
-                out[g] += torch.bincount(col[_pattern(points[g, s : s + CHUNK, 0])], minlength=M).to(torch.int32)
+                out[g] += torch.bincount(_take(col, _pattern(points[g, s : s + CHUNK, 0])), minlength=M).to(torch.int32)
         return out, present
     step = max(1, CHUNK // N)  # groups per block
     for g0 in range(0, G, step):
         x = points[g0 : g0 + step, :, 0]  # (b, N)
         b = x.shape[0]
-        keys = col[_pattern(x)] + (torch.arange(b, device=x.device) * M).unsqueeze(1)
+        keys = _take(col, _pattern(x)) + (torch.arange(b, device=x.device) * M).unsqueeze(1)
         out[g0 : g0 + b] = torch.bincount(keys.reshape(-1), minlength=b * M).view(b, M)
     return out, present
 
@@ -307,7 +313,7 @@ def _chunks(points: Tensor, index: PatternIndex | Tensor, n_rows: int) -> Iterat
         sl = slice(s, min(s + step, N))
         if by_pattern:
             p = points[:, sl, 0].view(torch.int16).to(torch.int32) & 0xFFFF
-            rows = flat_rows[col[p] + coff]
+            rows = _take(flat_rows, _take(col, p) + coff)
         else:
             rows = index[:, sl]
         yield sl, (rows.to(torch.int64) + offset).reshape(-1)
@@ -325,7 +331,11 @@ def segment_sum(points: Tensor, grad: Tensor, index: Tensor, n_rows: int) -> Ten
     G, _, d = points.shape
     out = torch.zeros(G * n_rows, d, dtype=math_dtype(grad.dtype), device=points.device)
     for sl, rows in _chunks(points, index, n_rows):
-        out.index_add_(0, rows, grad[:, sl].reshape(-1, d).to(out.dtype))
+        src = grad[:, sl].reshape(-1, d).to(out.dtype)
+        if d == 1:  # scatter_add_ on 1-D: the same sums in the same order, faster on CPU
+            out[:, 0].scatter_add_(0, rows, src[:, 0])
+        else:
+            out.index_add_(0, rows, src)
     return out.view(G, n_rows, d)
 
 
@@ -341,7 +351,7 @@ def gather_rows(points: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     cast = rows.to(points.dtype).reshape(G * U, d)
     out = torch.empty_like(points)
     for sl, r in _chunks(points, index, U):
-        out[:, sl] = cast[r].view(G, -1, d)
+        out[:, sl] = cast.index_select(0, r).view(G, -1, d)
     return out
 
 
@@ -364,13 +374,13 @@ def element_grad(points: Tensor, grad: Tensor, index: Tensor, jac: Tensor, share
     shared_flat = shared.reshape(G * U, d)
     for sl, rows in _chunks(points, index, U):
         gi = grad[:, sl].reshape(-1, d).to(jac.dtype)  # (G * n, d)
-        sh = shared_flat[rows]
+        sh = shared_flat.index_select(0, rows)
         if scale is not None:
             sh = sh * scale[:, sl].reshape(-1, 1).to(sh.dtype)
         if jac.dim() == 2:
-            val = gi * jac_flat[rows].unsqueeze(1) + sh
+            val = gi * jac_flat.index_select(0, rows).unsqueeze(1) + sh
         else:
-            val = torch.einsum("ne,nef->nf", gi, jac_flat[rows]) + sh
+            val = torch.einsum("ne,nef->nf", gi, jac_flat.index_select(0, rows)) + sh
         out[:, sl] = val.to(points.dtype).view(G, -1, d)
     return out
 
