@@ -202,6 +202,21 @@ def test_offload_option_gives_bitwise_equal_gradients():
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
+@pytest.mark.parametrize("cluster_dtype", ["weight", "bfloat16"])
+def test_rebuild_option_gives_bitwise_equal_training(cluster_dtype):
+    """DKMConfig(rebuild=True) (backward rebuilds the table) trains to the same bits."""
+    runs = []
+    for rebuild in (False, True):
+        model = tiny()
+        edkm.prepare(model, CFG.replace(bits=3, granularity="per_grouped_channel", group_size=8,
+                                        cluster_dtype=cluster_dtype, rebuild=rebuild))
+        losses = train(model, steps=3)
+        runs.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name]), name
+
+
 @pytest.mark.slow
 def test_smollm2_prepare_train_finalize():
     from edkm.hub.models import load_smollm2
