@@ -60,8 +60,9 @@ CHUNK = 1 << 18
 # Elements of one (b, U, K, d) temporary of the table passes (1 MB of fp32), see `_group_blocks`.
 TABLE_BLOCK = 1 << 18
 # A pass keeps its maps for the next pass that needs the same map if they hold at most this
-# many elements (256 MB of fp32); larger tables recompute the map.
-KEEP_MAPS = 1 << 26
+# many elements (64 MB of fp32, twice that in backward, which keeps the differences too);
+# larger tables recompute the map. Every SmolLM2 matrix with 16-row groups keeps them.
+KEEP_MAPS = 1 << 24
 N_PATTERNS = 1 << 16
 BIT_PATTERN_DTYPES = (torch.bfloat16, torch.float16)
 
