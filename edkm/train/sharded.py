@@ -5,7 +5,8 @@ A sharded checkpoint is a ``step-000123/`` directory like the single-process one
 
 - ``dcp/``: the model (weights with the DKM centroids) and optimizer state, written by every
   rank with ``torch.distributed.checkpoint`` from ``get_state_dict``: each rank writes its
-  own shards, replicated tensors (the centroid buffers) once;
+  own shards, replicated tensors (the centroid buffers) once (no optimizer state before
+  the first optimizer step: see `_state`);
 - ``rank-00000.pt`` ...: one small ``torch.save`` file per rank for what is not sharded and
   may differ per rank (RNG states, counters, data position: the caller's ``extra``);
 - ``manifest.json``: step, score, ``meta``, ``"format": "dcp-sharded/1"``, the world size
@@ -44,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -103,22 +105,22 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.M
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = _state(model, optimizer)
     failure = None
     try:
-        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR))
         torch.save(extra, tmp / rank_file(rank))
         fsync_file(tmp / rank_file(rank))
     except (OSError, RuntimeError) as err:  # DCP raises CheckpointException (a RuntimeError) on every rank
         failure = f"rank {rank}: {err}"
-    _raise_any(failure, f"could not write sharded checkpoint {tmp} ({space_note(root, _local_bytes(model_sd))}); "
+    _raise_any(failure, f"could not write sharded checkpoint {tmp} ({space_note(root, _local_bytes(state['model']))}); "
                         "the previous checkpoint is intact", cleanup=tmp)
     digests = _hash_files(tmp, sorted(_files(tmp)), rank, world)
     failure = None
     if rank == 0:
         try:
             manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world, "sha256": digests,
-                        "meta": meta, "score": score}
+                        "optimizer_state": "optim" in state, "meta": meta, "score": score}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             fsync_file(tmp / MANIFEST)
             publish(tmp, final, score, keep)
@@ -155,9 +157,14 @@ def load_sharded_checkpoint(path: str | Path, model: torch.nn.Module,
                               "(its per-rank RNG and data state cannot be split another way)")
     names = sorted(manifest.get("sha256") or {})
     _raise_any(_verify(path, manifest, names[rank::world]), f"sharded checkpoint {path} failed verification")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / DCP_DIR)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if manifest.get("optimizer_state", True):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / DCP_DIR)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:  # saved before the first optimizer step: the optimizer stays as built
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=path / DCP_DIR)
+        set_model_state_dict(model, model_sd)
     extra = torch.load(path / rank_file(rank), map_location="cpu", weights_only=False)
     return extra, manifest
 
@@ -199,6 +206,20 @@ def gather_full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         Plain tensors keyed like the unsharded model's ``state_dict`` (importance excluded).
     """
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` for DCP; no ``"optim"`` before the optimizer's first step.
+
+    ``get_state_dict`` initialises an empty optimizer state by running one ``step()`` at lr 0:
+    for Adam that counts a step, and the run's first real update would then use the
+    second step's bias correction. A checkpoint at step 0 must not change the run, so an
+    optimizer without state is left alone (and `load_sharded_checkpoint` leaves it fresh).
+    """
+    if not optimizer.state:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
 
 
 def _rank_world() -> tuple[int, int]:

@@ -168,20 +168,48 @@ def test_sigkilled_sharded_run_resumes_bitwise_and_exports_like_one_process(tmp_
         load_checkpoint(last)
 
 
-def _mismatch_worker(rank, init_file, ckpt, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
-    try:
-        model, opt = _sharded_model(_config(out))
-        save_sharded_checkpoint(out, 1, model, opt, {}, {})
-        manifest = Path(out) / "step-000001" / "manifest.json"
-        data = json.loads(manifest.read_text())
-        data["world_size"] = 2  # as if two ranks had written it
-        manifest.write_text(json.dumps(data))
-        with pytest.raises(CheckpointError, match="written by world size 2 and this run has world size 1"):
-            load_sharded_checkpoint(Path(out) / "step-000001", model, opt)
-    finally:
-        dist.destroy_process_group()
+@pytest.fixture
+def one_rank(tmp_path):
+    """A world of one gloo rank in this process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    yield
+    dist.destroy_process_group()
 
 
-def test_resume_with_another_world_size_is_refused_with_both_sizes(tmp_path):
-    _mismatch_worker(0, str(tmp_path / "init"), None, str(tmp_path / "run"))
+def _losses(model, opt, steps=2):
+    torch.manual_seed(5)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (2, SEQ))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def test_a_checkpoint_before_the_first_step_does_not_change_the_run(one_rank, tmp_path):
+    # get_state_dict would initialise Adam's state by a step at lr 0, which counts a step
+    config = _config(tmp_path / "run")
+    model, opt = _sharded_model(config)
+    ckpt = save_sharded_checkpoint(tmp_path / "run", 0, model, opt, {}, {})
+    assert not opt.state and not json.loads((ckpt / "manifest.json").read_text())["optimizer_state"]
+    saved = _losses(model, opt)
+    assert saved == _losses(*_sharded_model(config))
+    model, opt = _sharded_model(config)
+    load_sharded_checkpoint(ckpt, model, opt)
+    assert not opt.state and _losses(model, opt) == saved
+
+
+def test_resume_with_another_world_size_is_refused_with_both_sizes(one_rank, tmp_path):
+    out = tmp_path / "run"
+    model, opt = _sharded_model(_config(out))
+    save_sharded_checkpoint(out, 1, model, opt, {}, {})
+    manifest = out / "step-000001" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["world_size"] = 2  # as if two ranks had written it
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="written by world size 2 and this run has world size 1"):
+        load_sharded_checkpoint(out / "step-000001", model, opt)
