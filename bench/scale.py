@@ -25,7 +25,8 @@ not mix. Memory per case, in bytes:
 - ``peak_backward`` / ``peak_step``: peak growth over the built layer during backward, and
   during the whole step (optimizer state is allocated by the first AdamW step).
 - ``peak_process``: the child's absolute peak (``ru_maxrss`` on CPU,
-  ``max_memory_allocated`` on CUDA), interpreter and libraries included on CPU.
+  ``max_memory_allocated`` on CUDA), interpreter and libraries included on CPU;
+  ``vm_peak`` (CPU): its peak address space (``VmPeak``), the quantity the cap limits.
 Seconds are wall-clock of one step on a shared machine: context, not quiet-machine
 figures. `bench.scale_plan` turns the per-layer rows into the 7B memory plan. Output: one
 JSON file (rows + plan, tagged by `bench.harness.env_info`) under ``bench/results/``.
@@ -180,6 +181,10 @@ def _child(args: argparse.Namespace) -> int:
             raise
         row = {"case": args.case, "bits": args.bits[0], "error": f"out of memory under cap: {type(e).__name__}"}
     row["cap_gib"] = args.cap_gib
+    if args.device == "cpu":  # peak address space: what RLIMIT_AS (the cap) limits
+        from bench.harness import _proc_kb
+
+        row["vm_peak"] = (_proc_kb("VmPeak") or 0) * 1024
     print(json.dumps(row))
     return 0
 
@@ -257,8 +262,9 @@ def _cap_search(args: argparse.Namespace, case: str, bits: int) -> dict:
             break
         else:
             lo = cap
-    row = dict(best) if best else {"error": f"failed under every cap tried ({[t['cap_gib'] for t in tries]} GiB): "
-                                            f"{tries[-1]['outcome']}"}
+    caps = [t["cap_gib"] for t in tries]
+    why = "no cap found" if "timed out" in tries[-1]["outcome"] else "failed under every cap tried"
+    row = dict(best) if best else {"error": f"{why} ({caps} GiB): {tries[-1]['outcome']}"}
     row.update(case=case, bits=bits, cap_tries=tries, caps_tried_gib=[t["cap_gib"] for t in tries])
     if best:
         row["needed_cap_gib"] = {"fails_at": lo or None, "fits_at": hi}

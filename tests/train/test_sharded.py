@@ -143,7 +143,9 @@ def test_sigkilled_sharded_run_resumes_bitwise_and_exports_like_one_process(tmp_
     kept = {p.name for p in run.glob("step-*")}
     assert kept == {f"step-{s:06d}" for s in {STEPS - 1, STEPS, best}}, kept
     last = latest_checkpoint(run)
-    assert is_sharded_checkpoint(last) and json.loads((last / "manifest.json").read_text())["world_size"] == WORLD
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert is_sharded_checkpoint(last) and manifest["world_size"] == WORLD and manifest["optimizer_state"]
+    assert {"dcp/.metadata", "rank-00000.pt", "rank-00001.pt"} <= set(manifest["sha256"])  # every file is hashed
 
     # export: the sharded checkpoint, read in this one process, equals the gathered state
     config = _config(run)
