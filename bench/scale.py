@@ -3,6 +3,7 @@
     python -m bench.scale                         # CPU: plain, DKM per_tensor, DKM grouped, coremltools
     python -m bench.scale --device cuda --bits 3 4
     python -m bench.scale --quick                 # CI: tiny shapes, seconds
+    python -m bench.scale --shrink 4 --caps 6 --cap-resolution 0.25 --timeout 900   # coremltools' cap
 
 A random-init ``LlamaDecoderLayer`` at LLaMA-2-7B shapes (hidden 4096, MLP 11008, 32 heads,
 no GQA) with fp32 master weights takes one training step (forward, backward, AdamW) on a
@@ -11,7 +12,10 @@ layer; edkm with its 7 projections clustered as bf16 (``cluster_dtype="bfloat16"
 ``per_tensor`` and ``per_grouped_channel`` (16 output channels per LUT); coremltools'
 DKMPalettizer on the same layer (fp32, per_tensor, its defaults otherwise) under a cap on
 the child's address space (``resource.setrlimit(RLIMIT_AS)``), tried at each ``--caps``
-value until one fits (or all fail).
+value until one fits (or all fail), then (``--cap-resolution``) bisected down to the smallest
+cap that fits. ``--shrink F`` divides hidden, MLP and heads by F (head dim 128 and the
+1 x 512 batch kept), for coremltools, whose full-size step did not finish in 47 minutes
+on the shared 2-core CI machine; the 7B plan is only computed at full size.
 
 Every case runs in its own fresh interpreter (`bench.harness.run_isolated`), so peaks do
 not mix. Memory per case, in bytes:
@@ -21,7 +25,8 @@ not mix. Memory per case, in bytes:
 - ``peak_backward`` / ``peak_step``: peak growth over the built layer during backward, and
   during the whole step (optimizer state is allocated by the first AdamW step).
 - ``peak_process``: the child's absolute peak (``ru_maxrss`` on CPU,
-  ``max_memory_allocated`` on CUDA), interpreter and libraries included on CPU.
+  ``max_memory_allocated`` on CUDA), interpreter and libraries included on CPU;
+  ``vm_peak`` (CPU): its peak address space (``VmPeak``), the quantity the cap limits.
 Seconds are wall-clock of one step on a shared machine: context, not quiet-machine
 figures. `bench.scale_plan` turns the per-layer rows into the 7B memory plan. Output: one
 JSON file (rows + plan, tagged by `bench.harness.env_info`) under ``bench/results/``.
@@ -116,6 +121,19 @@ class _Meter:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
+def layer_dims(quick: bool, shrink: int) -> dict:
+    """The layer's shapes: LLaMA-2-7B (or QUICK) with hidden, MLP and heads divided by
+    ``shrink`` (head dim and sequence kept). Raises ``ValueError`` naming a shape it does not divide."""
+    base = QUICK if quick else LLAMA7B
+    if shrink == 1:
+        return dict(base)
+    bad = {k: base[k] for k in ("hidden", "intermediate", "heads") if base[k] % shrink}
+    if bad:
+        raise ValueError(f"--shrink {shrink} does not divide {bad}")
+    return {**base, "hidden": base["hidden"] // shrink, "intermediate": base["intermediate"] // shrink,
+            "heads": base["heads"] // shrink, "shrink": shrink}
+
+
 def run_case(name: str, dims: dict, bits: int, iters: int, device: torch.device) -> dict:
     """One case in this process: build, prepare, one training step. Returns the row."""
     meter = _Meter(device)
@@ -154,7 +172,7 @@ def _child(args: argparse.Namespace) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     if args.threads:
         torch.set_num_threads(args.threads)
-    dims = QUICK if args.quick else LLAMA7B
+    dims = layer_dims(args.quick, args.shrink)
     try:
         row = run_case(args.case, dims, args.bits[0], args.iters, torch.device(args.device))
     except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's "DefaultCPUAllocator: can't allocate"
@@ -163,6 +181,10 @@ def _child(args: argparse.Namespace) -> int:
             raise
         row = {"case": args.case, "bits": args.bits[0], "error": f"out of memory under cap: {type(e).__name__}"}
     row["cap_gib"] = args.cap_gib
+    if args.device == "cpu":  # peak address space: what RLIMIT_AS (the cap) limits
+        from bench.harness import _proc_kb
+
+        row["vm_peak"] = (_proc_kb("VmPeak") or 0) * 1024
     print(json.dumps(row))
     return 0
 
@@ -174,6 +196,8 @@ def _child_argv(args: argparse.Namespace, case: str, bits: int, cap: float | Non
         argv.append("--quick")
     if args.threads:
         argv += ["--threads", str(args.threads)]
+    if args.shrink != 1:
+        argv += ["--shrink", str(args.shrink)]
     if cap is not None:
         argv += ["--cap-gib", str(cap)]
     return argv
@@ -190,15 +214,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 if args.device != "cpu":
                     rows.append({"case": case, "bits": bits, "error": "skipped: the cap ladder runs on CPU only"})
                     continue
-                tried = []
-                for cap in args.caps:
-                    row = run_isolated(_child_argv(args, case, bits, cap), timeout_s=args.timeout)
-                    tried.append(cap)
-                    if "error" not in row:
-                        break
-                row.update(case=case, bits=bits, caps_tried_gib=tried)
-                if "error" in row:
-                    row["error"] = f"failed under every cap tried ({tried} GiB): {row['error']}"
+                row = _cap_search(args, case, bits)
             else:
                 row = run_isolated(_child_argv(args, case, bits), timeout_s=args.timeout)
                 row.setdefault("case", case)
@@ -206,6 +222,53 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
             print(f"  {case} {bits}-bit: {row.get('error') or 'done'}", flush=True)
     return rows
+
+
+def _try_cap(args: argparse.Namespace, case: str, bits: int, cap: float) -> dict:
+    row = run_isolated(_child_argv(args, case, bits, cap), timeout_s=args.timeout)
+    log = {"cap_gib": cap, "outcome": "ok" if "error" not in row else row["error"]}
+    if "error" in row and "timed out" in row["error"]:
+        log["outcome"] = f"timed out after {args.timeout:g} s (not a memory failure)"
+    print(f"    cap {cap:g} GiB: {log['outcome']}", flush=True)
+    return row | {"_try": log}
+
+
+def _cap_search(args: argparse.Namespace, case: str, bits: int) -> dict:
+    """The smallest address-space cap (``RLIMIT_AS``) under which ``case`` finishes its step.
+
+    ``--caps`` are tried in order until one fits (the upper bound); with ``--cap-resolution``
+    R > 0 the cap is then bisected between the largest failing cap below it (or 0) and it,
+    until the interval is at most R GiB. A try that times out (``--timeout``) ends the search:
+    it says nothing about memory. The row is the smallest passing try's, with every try.
+    """
+    tries, best, lo = [], None, 0.0
+    for cap in args.caps:
+        row = _try_cap(args, case, bits, cap)
+        tries.append(row.pop("_try"))
+        if "error" not in row:
+            best = row
+            break
+        if "timed out" in row["error"]:
+            break
+        lo = max(lo, cap)
+    hi = best["cap_gib"] if best else None
+    while best is not None and args.cap_resolution > 0 and hi - lo > args.cap_resolution:
+        cap = round((lo + hi) / 2, 3)
+        row = _try_cap(args, case, bits, cap)
+        tries.append(row.pop("_try"))
+        if "error" not in row:
+            best, hi = row, cap
+        elif "timed out" in row["error"]:
+            break
+        else:
+            lo = cap
+    caps = [t["cap_gib"] for t in tries]
+    why = "no cap found" if "timed out" in tries[-1]["outcome"] else "failed under every cap tried"
+    row = dict(best) if best else {"error": f"{why} ({caps} GiB): {tries[-1]['outcome']}"}
+    row.update(case=case, bits=bits, cap_tries=tries, caps_tried_gib=[t["cap_gib"] for t in tries])
+    if best:
+        row["needed_cap_gib"] = {"fails_at": lo or None, "fits_at": hi}
+    return row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,6 +279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="cases (default all)")
     p.add_argument("--caps", type=float, nargs="+", default=[8.0, 12.0],
                    help="address-space caps in GiB tried in order for coremltools (default 8 12)")
+    p.add_argument("--cap-resolution", type=float, default=0.0,
+                   help="bisect the coremltools cap below the first --caps value that fits, to this many GiB "
+                        "(default 0: no bisection)")
+    p.add_argument("--shrink", type=int, default=1,
+                   help="divide hidden, MLP and heads by this (head dim and sequence kept; default 1: full size)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default torch's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case (default 1800)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: tiny shapes (hidden 64), seconds")
@@ -226,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [f"--bits {b}" for b in args.bits if not 1 <= b <= 8]
     bad += [f"--iters {args.iters}"] if args.iters < 1 else []
     bad += [f"--caps {c}" for c in args.caps if not c > 0]
+    bad += [f"--shrink {args.shrink}"] if args.shrink < 1 else []
+    bad += [f"--cap-resolution {args.cap_resolution}"] if args.cap_resolution < 0 else []
     if bad:
         p.error(f"out of range: {', '.join(bad)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -237,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.case:
         return _child(args)
-    dims = QUICK if args.quick else LLAMA7B
+    try:
+        dims = layer_dims(args.quick, args.shrink)
+    except ValueError as err:
+        print(f"bench.scale: {err}", file=sys.stderr)
+        return 2
     print(f"bench.scale: one LLaMA decoder layer {dims} on {args.device}, bits {args.bits}"
           + (" (QUICK: tiny shapes)" if args.quick else ""), flush=True)
     rows = run_all(args)
@@ -246,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             r[key.replace("peak_", "pk_") + "_mib"] = None if r.get(key) is None else r[key] / 2**20
     print(format_table(rows, ["case", "bits", "held_after_forward_mib", "pk_backward_mib", "pk_step_mib",
                               "pk_process_mib", "seconds", "error"]))
-    plan = memory_plan(rows, dims, scaled_from_quick=args.quick)
+    plan = memory_plan(rows, dims, scaled_from_quick=args.quick) if args.shrink == 1 else []  # 7B plan: full size
     print(format_table(plan, ["setup", "per_gpu_gib", "fits_80gb", "host_gib", "measured", "scaled"]))
     device = torch.device(args.device)
     out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"scale-{device.type}" + ("-quick" if args.quick else "") + ".json")
+        f"scale-{device.type}" + ("-quick" if args.quick else "") + (f"-shrink{args.shrink}" if args.shrink > 1 else "")
+        + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"dims": dims, "quick": args.quick, "iters": args.iters, "group_size": GROUP_SIZE,
                "batch": [1, dims["seq"]], "env": env_info(device), "rows": rows, "plan": plan}

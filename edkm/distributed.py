@@ -25,6 +25,10 @@ the forward pre-hook that `edkm.prepare` installs): the buffer would be replicat
 
     edkm.prepare(model, config, importance=imp)
     edkm.distributed.fully_shard_dkm(model)   # shard_importance + fully_shard per layer + root
+
+With accelerate (``FullyShardedDataParallelPlugin(fsdp_version=2)``) call
+`prepare_for_fsdp` between ``edkm.prepare`` and ``accelerator.prepare``; accelerate then
+shards each decoder layer, the embedding and the tail itself (tests/test_fsdp_accelerate.py).
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ def check_fsdp(model: nn.Module) -> None:
         if imp is not None and not isinstance(imp, nn.Parameter):
             raise ValueError(
                 f"layer {name!r} holds its importance as a replicated buffer of {imp.numel() * imp.element_size():,} "
-                f"bytes per rank under FSDP2; call edkm.distributed.shard_importance(model) before fully_shard "
-                "(or use edkm.distributed.fully_shard_dkm)")
+                f"bytes per rank under FSDP2; call edkm.distributed.prepare_for_fsdp(model) before fully_shard or "
+                "accelerator.prepare (or use edkm.distributed.fully_shard_dkm)")
 
 
 def guard_hook(module: nn.Module, args) -> None:
@@ -122,6 +126,28 @@ def _allow_missing_importance(module: nn.Module, incompatible) -> None:
                                     and k != IMPORTANCE]
 
 
+def prepare_for_fsdp(model: nn.Module) -> int:
+    """What a prepared model needs before any FSDP2 wrapper shards it: call it between
+    `edkm.prepare` and ``accelerator.prepare`` (accelerate's FSDP plugin, fsdp_version=2)
+    or your own ``fully_shard`` calls. `fully_shard_dkm` calls it itself.
+
+    Refuses ``DKMConfig(shard=True)`` (eDKM's data-parallel sharding would split the weight
+    FSDP already gathers, a second time over the same ranks) and runs `shard_importance`, so
+    the importance (2 bytes per weight) is sharded with the weight instead of replicated.
+
+    Args:
+        model: A model prepared by `edkm.prepare`, not yet sharded.
+    Returns:
+        The number of importance tensors made shardable (see `shard_importance`).
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    for name, _, param in clustered_layers(model):
+        if param.config.shard:
+            raise ValueError(f"layer {name!r} has DKMConfig(shard=True), which FSDP2 does not take: FSDP already "
+                             f"shards the weight over {world} ranks; prepare with shard=False")
+    return shard_importance(model)
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules `fully_shard_dkm` shards one by one: each entry of the first
     ``nn.ModuleList`` that holds clustered layers (a Hugging Face model's ``model.layers``)."""
@@ -136,7 +162,7 @@ def fully_shard_dkm(model: nn.Module, *, mesh=None, layers: Iterable[nn.Module] 
                     **fsdp_kwargs) -> nn.Module:
     """Shard a model prepared by `edkm.prepare` with FSDP2 (in place).
 
-    Runs `shard_importance`, then ``fully_shard`` on every decoder layer and on the root,
+    Runs `prepare_for_fsdp`, then ``fully_shard`` on every decoder layer and on the root,
     then `check_fsdp`. DKM runs on the all-gathered weight (module header).
 
     Args:
@@ -151,11 +177,7 @@ def fully_shard_dkm(model: nn.Module, *, mesh=None, layers: Iterable[nn.Module] 
         raise RuntimeError(f"FSDP2 needs torch >= 2.6 (torch.distributed.fsdp.fully_shard), found {torch.__version__}")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fully_shard_dkm needs torch.distributed initialised (torchrun or init_process_group)")
-    for name, _, param in clustered_layers(model):
-        if param.config.shard:
-            raise ValueError(f"layer {name!r} has DKMConfig(shard=True), which FSDP2 does not take: FSDP already "
-                             f"shards the weight over {dist.get_world_size()} ranks; prepare with shard=False")
-    shard_importance(model)
+    prepare_for_fsdp(model)
     for layer in (decoder_layers(model) if layers is None else layers):
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)

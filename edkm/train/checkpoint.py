@@ -33,6 +33,7 @@ LATEST = "latest"
 BEST = "best"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
+SHARDED_FORMAT = "dcp-sharded/1"  # manifest "format" of edkm.train.sharded checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -63,15 +64,35 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
     try:
         tmp.mkdir()
         torch.save(state, tmp / STATE)
-        digest = _sha256(tmp / STATE)
+        digest = sha256_file(tmp / STATE)
         manifest = {"step": step, "sha256": {STATE: digest}, "meta": meta, "score": score}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for f in (tmp / STATE, tmp / MANIFEST):
-            _fsync(f)
+            fsync_file(f)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {tmp / STATE}: {err} "
-                              f"({_space_note(root, _state_bytes(state))}); the previous checkpoint is intact") from err
+                              f"({space_note(root, _state_bytes(state))}); the previous checkpoint is intact") from err
+    publish(tmp, final, score, keep)
+    log.info("checkpoint step %d -> %s%s", step, final, "" if score is None else f" (held-out ppl {score:.3f})")
+    return final
+
+
+def publish(tmp: Path, final: Path, score: float | None, keep: int) -> None:
+    """Move a fully written and fsynced checkpoint directory into place and update the pointers.
+
+    Renames ``tmp`` to ``final`` (replacing an older ``final``), points ``latest`` at it,
+    moves ``best`` there when ``score`` is finite and lower than the current best's, and
+    prunes to ``keep`` checkpoints. Shared by the single-process checkpoints and the
+    sharded ones (`edkm.train.sharded`), which call it on one rank.
+
+    Args:
+        tmp: The temporary directory holding the complete checkpoint (manifest included).
+        final: Its ``step-NNNNNN`` name in the run directory.
+        score: Held-out score of the state (lower is better), or None.
+        keep: Number of most recent checkpoints kept (``latest`` and ``best`` always are).
+    """
+    root = final.parent
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -82,8 +103,6 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         if best is None or best == final or best_score is None or score < best_score:
             _atomic_write(root / BEST, final.name + "\n")
     _prune(root, keep)
-    log.info("checkpoint step %d -> %s%s", step, final, "" if score is None else f" (held-out ppl {score:.3f})")
-    return final
 
 
 def best_checkpoint(output_dir: str | Path) -> Path | None:
@@ -147,6 +166,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path = Path(path)
     manifest_path = path / MANIFEST
     manifest = read_manifest(path)
+    if manifest.get("format") == SHARDED_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is sharded (written under FSDP2 by {manifest.get('world_size')} ranks): "
+                              "load it with edkm.train.sharded.load_sharded_checkpoint (resume) or "
+                              "load_sharded_model (one process, e.g. export)")
     try:
         want = manifest["sha256"][STATE]
     except (KeyError, TypeError) as err:
@@ -154,7 +177,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     state_path = path / STATE
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint file {state_path} is missing")
-    got = _sha256(state_path)
+    got = sha256_file(state_path)
     if got != want:
         raise CheckpointError(
             f"checkpoint file {state_path} is corrupt or truncated (sha256 {got[:12]}..., manifest says {want[:12]}...)"
@@ -174,8 +197,9 @@ def _state_bytes(state: Any) -> int:
     return 0
 
 
-def _space_note(root: Path, need: int) -> str:
-    """'needs about N bytes, F free on the device of ``root``' (and 'disk full?' when short)."""
+def space_note(root: Path, need: int) -> str:
+    """Disk-space note for a failed write: 'needs about N bytes, F free on the device of
+    ``root``' (and 'no space left' when short)."""
     try:
         free = shutil.disk_usage(root).free
     except OSError:
@@ -184,7 +208,8 @@ def _space_note(root: Path, need: int) -> str:
     return note + ("; no space left on the device" if free < need else "")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -192,7 +217,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (``os.fsync``)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -200,7 +226,7 @@ def _fsync(path: Path) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
 
 

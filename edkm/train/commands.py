@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from edkm.train.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint
+from edkm.train.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, read_manifest
 from edkm.train.config import ConfigError, TrainConfig
 from edkm.train.data import heldout_windows, load_any_model, load_model, load_model_and_windows
 
@@ -85,14 +85,19 @@ def export_checkpoint(path: str | Path, out: str | Path, which: str = "best", fm
     if fmt not in ("edkm", "folder", "coreml"):
         raise ConfigError(f"export format must be edkm, folder or coreml, got {fmt!r}")
     from edkm.preparation import prepare
+    from edkm.train.sharded import is_sharded_checkpoint, load_sharded_model
     from edkm.train.steps import export_model
 
     ckpt = pick_checkpoint(path, which)
-    state, manifest = load_checkpoint(ckpt)
+    sharded = is_sharded_checkpoint(ckpt)  # an FSDP2 run's checkpoint: gathered here, in one process
+    state, manifest = (None, read_manifest(ckpt)) if sharded else load_checkpoint(ckpt)
     config = TrainConfig.from_dict(manifest["meta"]["config"], source=f"{ckpt}/manifest.json")
     model, tokenizer = load_model(config)
     prepare(model, config.dkm)
-    model.load_state_dict(state["model"])
+    if sharded:
+        load_sharded_model(ckpt, model)
+    else:
+        model.load_state_dict(state["model"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"), "out": out}

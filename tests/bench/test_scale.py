@@ -71,8 +71,45 @@ def test_coremltools_failure_under_every_cap_is_reported():
     assert row["error"].startswith("failed under every cap tried ([0.05, 0.06] GiB)")
 
 
+def _fake_child(need_gib: float, timeout_below: float = 0.0):
+    """run_isolated stand-in: the step fits under caps >= need_gib, times out below timeout_below."""
+    def run(argv, timeout_s):
+        cap = float(argv[argv.index("--cap-gib") + 1])
+        if cap < timeout_below:
+            return {"error": f"timed out after {timeout_s:g} s"}
+        if cap < need_gib:
+            return {"error": "out of memory under cap: MemoryError"}
+        return {"case": "coremltools", "cap_gib": cap, "peak_process": 1}
+    return run
+
+
+def test_coremltools_cap_is_bisected_to_the_resolution(monkeypatch):
+    monkeypatch.setattr(scale, "run_isolated", _fake_child(need_gib=2.3))
+    args = scale.parse_args(["--cases", "coremltools", "--caps", "1", "4", "--cap-resolution", "0.5"])
+    (row,) = scale.run_all(args)
+    assert row["caps_tried_gib"] == [1, 4, 2.5, 1.75, 2.125]  # 1 fails, 4 fits; bisect (1, 4] to 0.5 GiB
+    assert row["needed_cap_gib"] == {"fails_at": 2.125, "fits_at": 2.5} and row["cap_gib"] == 2.5
+    assert "error" not in row
+
+
+def test_a_timed_out_try_ends_the_cap_search(monkeypatch):
+    monkeypatch.setattr(scale, "run_isolated", _fake_child(need_gib=2.3, timeout_below=3.0))
+    args = scale.parse_args(["--cases", "coremltools", "--caps", "4", "--cap-resolution", "0.5"])
+    (row,) = scale.run_all(args)
+    assert row["caps_tried_gib"] == [4, 2.0]  # 2 GiB timed out: says nothing about memory, stop
+    assert row["needed_cap_gib"] == {"fails_at": None, "fits_at": 4}
+    assert "not a memory failure" in row["cap_tries"][1]["outcome"]
+
+
+def test_shrink_divides_the_7b_shapes_or_names_them():
+    assert scale.layer_dims(False, 4) == {"hidden": 1024, "intermediate": 2752, "heads": 8, "seq": 512, "shrink": 4}
+    with pytest.raises(ValueError, match=r"--shrink 3 does not divide \{'hidden': 4096, 'intermediate': 11008"):
+        scale.layer_dims(False, 3)
+
+
 @pytest.mark.parametrize("argv,bad", [(["--bits", "9"], "--bits 9"), (["--iters", "0"], "--iters 0"),
-                                      (["--caps", "0"], "--caps 0.0")])
+                                      (["--caps", "0"], "--caps 0.0"), (["--shrink", "0"], "--shrink 0"),
+                                      (["--cap-resolution", "-1"], "--cap-resolution -1.0")])
 def test_bad_arguments_name_the_value(argv, bad, capsys):
     with pytest.raises(SystemExit):
         scale.parse_args(argv)
