@@ -5,13 +5,14 @@
 parents up to the script) and adds up the *self* CPU time of every event by phase:
 
     table build           the table of distinct values (sort / histogram, counts, masses)
-    iterations            the forward k-means iterations on the table
-    soft weights          soft value of every row and the gather back to the weights
-    backward replay       segment sums of the upstream gradient, the replay of the
-                          iterations with autograd (or the hand-derived table backward)
-    per-element gradient  the Jacobian of the soft value and dW_i = G_i J + r / n
-    casts and glue        everything else in the DKM region: the fp32 <-> bf16 casts of
-                          the parametrization and their backward, reshapes, bookkeeping
+    iterations            the forward k-means iterations on the table, and the soft value
+                          of every row (the last iteration's map is the final map)
+    soft weights          the gather of the row values back to the weights
+    backward replay       segment sums of the upstream gradient and the table backward
+                          (back through the iterations, and the Jacobian of the soft value)
+    per-element gradient  dW_i = G_i J + s_i r
+    casts and glue        everything else in the DKM region: the fp32 <-> bf16 casts
+                          (``edkm::cast``) and their backward, reshapes, bookkeeping
     model                 what is not DKM: the layers' matmuls, attention, loss, optimizer
 
 The DKM region is what runs inside a `DKMWeight` forward (the parametrization, matched by
@@ -55,15 +56,17 @@ LABELS = {
     "edkm::soft_weights": "soft weights",
     "edkm::backward_replay": "backward replay",
     "edkm::element_grad": "per-element gradient",
+    "edkm::cast": "casts and glue",
 }
 FORWARD_FRAMES = {
     "build_table": "table build", "table_from_histogram": "table build", "histogram": "table build",
-    "importance_mass": "table build", "pattern_rowmap": "table build",
-    "dkm_iterations": "iterations", "table_iterate": "iterations",
+    "importance_mass": "table build", "pattern_rowmap": "table build", "pattern_index": "table build",
+    "pattern_histogram": "table build",
+    "dkm_iterations": "iterations", "table_iterate": "iterations", "table_forward": "iterations",
     "gather": "soft weights", "gather_rows": "soft weights", "table_rows": "soft weights",
 }
 BACKWARD_FRAMES = {
-    "pattern_rowmap": "table build",
+    "pattern_rowmap": "table build", "pattern_index": "table build",
     "segment_sum": "backward replay", "dkm_iterations": "backward replay", "soft_assign": "backward replay",
     "table_bwd": "backward replay", "grad": "backward replay",
     "soft_value_jacobian": "per-element gradient", "element_grad": "per-element gradient",

@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [Case(name, cpu_timed(train_step(m, batch, config), cpu_s[name]))
              for name, m in (("plain", plain), ("dkm", dkm_model))]
     run_interleaved(cases, device, warmup=args.warmup, repeats=args.rounds, single=True)
-    cpu = {k: statistics.median(v[args.warmup:]) for k, v in cpu_s.items() if len(v) > args.warmup}
+    cpu = {k: statistics.median(v[args.warmup:]) for k, v in cpu_s.items()
+           if len(v) > args.warmup and device.type == "cpu"}  # host seconds mean nothing for CUDA work
     st = {c.name: c.stats() for c in cases}
     failed = [f"{c.name}: {c.skip}" for c in cases if c.skip]
     if failed:

@@ -74,9 +74,12 @@ class DKMConfig(ConfigDict):
             tensors go to CPU memory until backward).
         rebuild: Hold only the centroid history for backward (a few KB per layer) and
             rebuild the table of distinct values from the weight in backward, instead of
-            holding the table and the 16-bit cast of the weight (about a third of the
-            weight's bytes with 16-row LUT groups). Costs one more table build per step;
-            results are bitwise the same. Table path on one process only.
+            holding the table (16 bytes per distinct value per LUT group: 31% of a bf16
+            weight's bytes with 16-row groups at LLaMA-7B attention shapes, 0.2% per
+            tensor; `bench.ablation`) and, with ``cluster_dtype``, the 16-bit cast (2
+            bytes per weight). Costs one more table build per step (about 1.6x the DKM
+            time of `bench.ablation`'s grouped row); results are bitwise the same. Table
+            path (``uniquify``) on one process (not with ``shard``).
         cluster_dtype: ``"weight"`` clusters the weight in its own dtype; ``"bfloat16"`` /
             ``"float16"`` cluster a 16-bit cast of fp32 master weights (gradients flow
             back through the cast), which gives uniquification its 65,536-value bound.
@@ -132,6 +135,11 @@ class DKMConfig(ConfigDict):
         for name in ("uniquify", "shard", "offload", "rebuild", "include_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rebuild and not self.uniquify:
+            raise ValueError("rebuild=True rebuilds the table of distinct values in backward; it needs uniquify=True, "
+                             f"got uniquify={self.uniquify!r}")
+        if self.rebuild and self.shard:
+            raise ValueError(f"rebuild=True runs DKM in one process; it cannot be combined with shard={self.shard!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cluster_dtype not in CLUSTER_DTYPES:

@@ -1,7 +1,7 @@
 """Per-element passes of uniquified DKM, keyed by each weight's own 16-bit pattern.
 
 Points are bf16 / fp16 (G, N) (d = 1). A point's table row is ``rowmap[g, pattern]``,
-where rowmap (G, 65536) int32 is built from the table (`table.pattern_rowmap`); no
+where rowmap (G, 65536) int32 is built from the table (`edkm.functional.table.pattern_rowmap`, via `triton_backend`); no
 per-element index is ever stored. In torch form (twins in `edkm.functional.table`):
 
     p = points.view(torch.int16).int() & 0xFFFF                     # (G, N) keys

@@ -2,8 +2,8 @@
 
 Given S (G, U), the upstream gradient summed per table row, and the forward's history
 (c_hist (G, T+1, K), den_hist (G, T, K)), with L = sum_j S_j h_j and
-h_j = a(v_j; C_{T-1}) . C_T. In torch form (twin: `edkm.functional.table.table_bwd`, which gets the
-same numbers by autograd replay):
+h_j = a(v_j; C_{T-1}) . C_T. In torch form (twin: `edkm.functional.passes.table_bwd`, the same
+math a block of groups at a time):
 
     # final map (a from C_{T-1}); its map is held fixed for the per-element path
     a = softmax(-(v[..., None] - C[T-1])**2 / tau); h = a @ C[T]; diff = v[..., None] - C[T-1]

@@ -1,7 +1,7 @@
 """Table forward of uniquified DKM (d = 1): the k-means iterations and the row values.
 
 The table holds U distinct values v (G, U) with counts n (G, U) per LUT group; padding
-rows have n = 0. In torch form (twins: `edkm.functional.table.table_iterate`,
+rows have n = 0. In torch form (twins: `edkm.functional.passes.table_iterate`,
 `table_rows`):
 
     for t in range(T):                                   # _table_iterate_kernel

@@ -189,11 +189,12 @@ def test_shape_and_weight_errors_name_layer_and_value():
         edkm.prepare(edkm.prepare(tiny(), CFG), CFG)
 
 
-def test_offload_option_gives_bitwise_equal_gradients():
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_offload_option_gives_bitwise_equal_gradients(rebuild):
     grads = []
     for offload in (False, True):
         model = tiny()
-        edkm.prepare(model, CFG.replace(bits=3, offload=offload))
+        edkm.prepare(model, CFG.replace(bits=3, offload=offload, rebuild=rebuild, cluster_dtype="bfloat16"))
         model.train()
         model(batch(), labels=batch()).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

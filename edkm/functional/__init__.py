@@ -93,7 +93,9 @@ def dkm(
         raise ValueError("rebuild=True rebuilds the table in backward; it needs uniquify=True")
     if rebuild and shard and sharding_active():
         raise ValueError("rebuild=True runs in one process; use shard=False (or rebuild=False) with sharding")
-    if cast is not None and (not uniquify or (shard and sharding_active())) or cast == points.dtype:
+    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+        raise ValueError(f"cast must be a floating-point torch dtype or None, got {cast!r}")
+    if cast is not None and ((not uniquify or (shard and sharding_active())) or cast == points.dtype):
         points, cast = points.to(cast), None  # cast outside: the naive and sharded paths take 16-bit points
     grouped = points.dim() == 3
     p = points if grouped else points.unsqueeze(0)

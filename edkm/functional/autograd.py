@@ -19,8 +19,11 @@ becomes s_i R_{j(i)} / m_{j(i)}.
 
 The first term uses each point's own G_i; only the centroid path is shared by equal
 values. Nothing of N x K elements is allocated in either direction. Saved for backward:
-the points (the weight itself), the table's values, counts and keys, and the centroid
-history; the (G, 65536) pattern -> row map is rebuilt in backward rather than held.
+the points DKM ran on (the weight itself, or with ``cast`` its 16-bit copy), the table's
+values, counts and keys, and the centroid history; the index (pattern -> row lookup) is
+rebuilt in backward rather than held. In ``rebuild`` mode only the caller's points (with
+``cast``, the fp32 weight, resident anyway) and the centroid history are held, and
+backward rebuilds the table. The ``cast`` and its backward run under ``edkm::cast``.
 
 Who runs the passes is a `TableOps`: `TORCH_OPS` (the torch implementation in
 `table.py`, the CPU path and the spec) or `edkm.functional.triton_ops()` (the Triton
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
+from edkm.functional import passes
 from edkm.functional import table as tbl
 from edkm.functional.iterations import Reduce
 
@@ -47,6 +51,7 @@ class TableOps:
     """The passes of the table path (signatures and shapes: `edkm.functional.table`)."""
 
     build: Callable[[Tensor], tbl.Table]
+    index: Callable[[tbl.Table], object]
     segment_sum: Callable[..., Tensor]
     gather_rows: Callable[..., Tensor]
     element_grad: Callable[..., Tensor]
@@ -58,13 +63,14 @@ class TableOps:
 
 TORCH_OPS = TableOps(
     build=tbl.build_table,
+    index=tbl.Table.index,
     segment_sum=tbl.segment_sum,
     gather_rows=tbl.gather_rows,
     element_grad=tbl.element_grad,
-    table_iterate=tbl.table_iterate,
-    table_forward=tbl.table_forward,
-    table_rows=tbl.table_rows,
-    table_bwd=tbl.table_bwd,
+    table_iterate=passes.table_iterate,
+    table_forward=passes.table_forward,
+    table_rows=passes.table_rows,
+    table_bwd=passes.table_bwd,
 )
 
 
@@ -92,7 +98,8 @@ class _TableDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: float, ops: TableOps,
                 reduce: Reduce | None, importance: Tensor | None, cast: torch.dtype | None, rebuild: bool):
-        pts = points if cast is None else points.to(cast)
+        with record_function("edkm::cast"):
+            pts = points if cast is None else points.to(cast)
         with record_function("edkm::table_build"):
             table, index, mass = _build(ops, pts, importance)
         c0 = centroids.detach().to(table.values.dtype, copy=True)  # the caller may update it in place
@@ -123,21 +130,23 @@ class _TableDKM(torch.autograd.Function):
                 values = table.values
             else:
                 pts, values, counts, keys, mass, c_hist, den_hist = ctx.saved_tensors
-                index = tbl.Table(values, counts, keys, ctx.bit_pattern).index()
+                index = ops.index(tbl.Table(values, counts, keys, ctx.bit_pattern))
         with record_function("edkm::backward_replay"):
             seg = ops.segment_sum(pts, grad_out, index, values.shape[1])  # (G, U, d)
             jac, shared = ops.table_bwd(values, mass, seg, c_hist, den_hist, ctx.tau, ctx.reduce)
         with record_function("edkm::element_grad"):
             grad_points = ops.element_grad(pts, grad_out, index, jac, shared, ctx.importance)
         if ctx.cast is not None:  # the backward of the cast
-            grad_points = grad_points.to(ctx.dtype)
+            with record_function("edkm::cast"):
+                grad_points = grad_points.to(ctx.dtype)
         return grad_points, None, None, None, None, None, None, None, None, None
 
 
-def _build(ops: TableOps, points: Tensor, importance: Tensor | None) -> tuple[tbl.Table, object, Tensor]:
+def _build(ops: TableOps, points: Tensor, importance: Tensor | None
+           ) -> tuple[tbl.Table, tbl.PatternIndex | Tensor, Tensor]:
     """``(table, index, mass)`` of ``points``: mass is the counts, or the importance mass."""
     table = ops.build(points)
-    index = table.index()
+    index = ops.index(table)
     U = table.values.shape[1]
     mass = table.counts if importance is None else importance_mass(ops, points, index, U, importance)
     return table, index, mass

@@ -83,8 +83,8 @@ def centroids_from_sums(num: Tensor, den: Tensor, c_prev: Tensor, reduce: Reduce
     return torch.where(empty, c_prev, num / torch.where(empty, torch.ones_like(den), den)), den
 
 
-def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor, reduce: Reduce | None = None,
-                     return_den: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tensor,
+                     reduce: Reduce | None = None) -> Tensor:
     """Weighted centroid update ``C = (A^T (n x)) / (A^T n)``: `centroid_sums` then
     `centroids_from_sums` (which says how empty centroids are kept).
 
@@ -92,12 +92,10 @@ def update_centroids(x: Tensor, a: Tensor, weights: Tensor | None, c_prev: Tenso
         x: (G, U, d) points. a: (G, U, K) assignment. weights: (G, U) counts or None.
         c_prev: (G, K, d) centroids the map was computed with.
         reduce: See `centroids_from_sums`.
-        return_den: Also return the (G, K, 1) denominators ``A^T n`` (after ``reduce``).
     Returns:
-        (G, K, d) new centroids, and the denominators with ``return_den``.
+        (G, K, d) new centroids.
     """
-    c, den = centroids_from_sums(*centroid_sums(x, a, weights), c_prev, reduce)
-    return (c, den) if return_den else c
+    return centroids_from_sums(*centroid_sums(x, a, weights), c_prev, reduce)[0]
 
 
 def dkm_iterations(
@@ -133,24 +131,3 @@ def dkm_iterations(
             if moved.item() <= eps:
                 return a, c_prev, c, t + 1
     return a, c_prev, c, iters
-
-
-def soft_value_jacobian(v: Tensor, c_prev: Tensor, c_last: Tensor, tau: float) -> Tensor:
-    """Jacobian of ``h(v) = softmax(-||v - c_prev||^2 / tau) c_last`` w.r.t. ``v``.
-
-    With z_k = -||v - c_k||^2 / tau, a = softmax(z) and g_k = dz_k/dv = -2 (v - c_k) / tau:
-    ``J[e, f] = sum_k c_last[k, e] a_k (g_k[f] - sum_m a_m g_m[f])``.
-
-    Args:
-        v: (G, U, d) rows. c_prev, c_last: (G, K, d).
-    Returns:
-        (G, U) for d = 1, else (G, U, d, d) with J[..., e, f] = d h_e / d v_f.
-    """
-    a = soft_assign(v, c_prev, tau)  # (G, U, K)
-    if v.shape[-1] == 1:
-        g = (v - c_prev.transpose(1, 2)) * (-2.0 / tau)  # (G, U, K)
-        centred = g - (a * g).sum(-1, keepdim=True)
-        return torch.einsum("guk,gk->gu", a * centred, c_last[..., 0])
-    g = (v.unsqueeze(2) - c_prev.unsqueeze(1)) * (-2.0 / tau)  # (G, U, K, d)
-    centred = g - torch.einsum("guk,gukf->guf", a, g).unsqueeze(2)
-    return torch.einsum("gke,guk,gukf->guef", c_last, a, centred)

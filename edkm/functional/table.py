@@ -1,6 +1,7 @@
-"""The table path in torch: build the table of distinct values, then every pass of DKM on it.
+"""The table path in torch: the table of distinct values and the per-element passes.
 
-This file is the one torch implementation of each pass of uniquified DKM. It is the CPU
+This file and `edkm.functional.passes` (the passes on the table) are the one torch
+implementation of each pass of uniquified DKM. It is the CPU
 path (``backend="torch"``) and the spec the Triton kernels of `edkm.kernels` are tested
 against (`edkm.functional.triton_backend` adapts their launchers to these signatures). The
 naive (N, K) path (`naive.py`) is the independent spec both are tested against.
@@ -23,13 +24,8 @@ Per-element passes (streamed in chunks of `CHUNK` points, so temporaries stay a 
     gather_rows    out_i      = h[j(i)]                            (forward values)
     element_grad   dW_i       = G_i J[j(i)] + s_i r[j(i)]          (backward)
 
-Table passes (O(U K) each, no N anywhere; a block of groups at a time, see below):
-
-    table_iterate  the T soft k-means iterations, weighted by the rows' mass
-    table_rows     h(v_j) = softmax(-||v_j - C_{T-1}||^2 / tau) C_T
-    table_forward  both, sharing the last iteration's map (it is the final map)
-    table_bwd      J_j = dh/dv(v_j) and r_j = R_j / m_j, R derived by hand back through
-                   the iterations (the path through the centroids, DESIGN section 2)
+Table passes (O(U K) each, no N anywhere): `edkm.functional.passes` (table_iterate,
+table_rows, table_forward, table_bwd).
 
 How j(i) is found (the choice DESIGN section 2 asks for): bf16 / fp16 scalars are keyed
 by their own 16-bit pattern through a `PatternIndex` rebuilt from the (G, U) row patterns
@@ -47,22 +43,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from edkm.functional.iterations import (
-    MIN_MASS,
-    Reduce,
-    centroids_from_sums,
-    math_dtype,
-)
+from edkm.functional.iterations import math_dtype
 
 # 2**18 points per chunk: ~2 MB int64 temporaries per pass. Measured on a 2-core CPU, N = 4M
 # bf16: peak RSS 50 MB (2**18) vs 108 MB (2**20) at the same speed (0.1 s fwd+bwd).
 CHUNK = 1 << 18
-# Elements of one (b, U, K, d) temporary of the table passes (1 MB of fp32), see `_group_blocks`.
-TABLE_BLOCK = 1 << 18
-# A pass keeps its maps for the next pass that needs the same map if they hold at most this
-# many elements (64 MB of fp32, twice that in backward, which keeps the differences too);
-# larger tables recompute the map. Every SmolLM2 matrix with 16-row groups keeps them.
-KEEP_MAPS = 1 << 24
 N_PATTERNS = 1 << 16
 BIT_PATTERN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -230,8 +215,8 @@ def table_from_histogram(hist: Tensor, dtype: torch.dtype, patterns: Tensor | No
 
 
 def pattern_rowmap(patterns: Tensor) -> Tensor:
-    """Pattern -> table row map of every group over all 65536 patterns (the ``index`` of
-    the Triton kernels; the torch passes use the compact `pattern_index`).
+    """Pattern -> table row map of every group over all 65536 patterns (the ``index`` the
+    Triton kernels read, `triton_backend`; the torch passes use the compact `pattern_index`).
 
     Args:
         patterns: (G, U) int64 patterns of the table rows (padding -1).
@@ -263,7 +248,7 @@ def pattern_index(patterns: Tensor) -> PatternIndex:
 def build_table(points: Tensor) -> Table:
     """The table of distinct values of every group of ``points`` (G, N, d).
 
-    16-bit scalars: `histogram` then `table_from_histogram`. Anything else: one
+    16-bit scalars: `pattern_histogram` then `table_from_histogram`. Anything else: one
     ``torch.unique`` over ``(group, value...)`` keys. Raises ``ValueError`` if a value is
     NaN or infinite.
     """
@@ -306,6 +291,9 @@ def _chunks(points: Tensor, index: PatternIndex | Tensor, n_rows: int) -> Iterat
     G, N, _ = points.shape
     offset = (torch.arange(G, device=points.device) * n_rows).unsqueeze(1)  # (G, 1)
     by_pattern = isinstance(index, PatternIndex)
+    if not by_pattern and tuple(index.shape) != (G, N):
+        raise ValueError(f"index must be a PatternIndex or the (G, N) = {(G, N)} row of every point, "
+                         f"got shape {tuple(index.shape)}")
     if by_pattern:
         col, flat_rows = index.col, index.rows.reshape(-1)  # (65536,), (G * M,)
         coff = (torch.arange(G, device=points.device, dtype=torch.int32) * index.rows.shape[1]).unsqueeze(1)
@@ -384,180 +372,3 @@ def element_grad(points: Tensor, grad: Tensor, index: Tensor, jac: Tensor, share
             val = torch.einsum("ne,nef->nf", gi, jac_flat.index_select(0, rows)) + sh
         out[:, sl] = val.to(points.dtype).view(G, -1, d)
     return out
-
-
-# ----------------------------------------------------------------------------- table passes
-#
-# Layout: a block of b groups at a time (`_group_blocks`), maps stored centroid-major as
-# (b, K, U) so the reductions over K (softmax, Jacobian sums) run along a strided axis,
-# vectorised over the U rows, and the sums over U along the contiguous one:
-#
-#     vt (b, 1, U, d) rows     ct (b, K, 1, d) centroids     diff = vt - ct (b, K, U, d)
-#     a  (b, K, U)    softmax over K of -||diff||^2 / tau      n (b, 1, U) masses
-
-
-def _group_blocks(G: int, U: int, K: int, d: int) -> list[slice]:
-    """Slices of groups whose (b, K, U, d) temporaries hold about `TABLE_BLOCK` elements.
-
-    Groups are independent, so running a block at a time gives the same numbers as one
-    pass over all of them; it keeps each temporary in cache and below the allocator's
-    mmap threshold (a fresh 100 MB temporary per op costs more in page faults than the op).
-    """
-    step = max(1, TABLE_BLOCK // max(1, U * K * d))
-    return [slice(g, min(g + step, G)) for g in range(0, G, step)]
-
-
-def _assign(vt: Tensor, c: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """``(a, diff)`` of rows vt (b, 1, U, d) and centroids c (b, K, d): the (b, K, U) map
-    and ``diff = v - c`` (b, K, U, d); the distance is the difference form (`sq_dist`)."""
-    diff = vt - c.unsqueeze(2)
-    dist = diff.square()[..., 0] if diff.shape[-1] == 1 else diff.square().sum(-1)
-    return torch.softmax(dist / -tau, dim=1), diff
-
-
-def _keeps_maps(G: int, U: int, K: int) -> bool:
-    """Whether one pass's (G, K, U) maps are kept for the next pass that needs the same map
-    (the last iteration's map is the final map) instead of being recomputed."""
-    return G * U * K <= KEEP_MAPS
-
-
-def _iterate(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int, reduce: Reduce | None,
-             rows: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """`table_iterate`, and with ``rows`` also `table_rows` of its last two centroid sets
-    (the final map is the last iteration's map, reused when `_keeps_maps`)."""
-    G, U, d = values.shape
-    K = c0.shape[1]
-    blocks = _group_blocks(G, U, K, d)
-    keep = rows and _keeps_maps(G, U, K)
-    c = c0.to(values.dtype)
-    hist, dens, maps = [c], [], []
-    for t in range(n_iters):
-        num, den = values.new_empty(G, K, d), values.new_empty(G, K, 1)
-        for b in blocks:
-            vt = values[b].unsqueeze(1)
-            a, _ = _assign(vt, c[b], tau)
-            w = a * mass[b].unsqueeze(1)  # (b, K, U)
-            num[b] = (w.unsqueeze(-1) * vt).sum(2)
-            den[b] = w.sum(2, keepdim=True)
-            if keep and t == n_iters - 1:
-                maps.append(a)
-        c, den = centroids_from_sums(num, den, c, reduce)
-        hist.append(c)
-        dens.append(den[..., 0])
-    c_hist, den_hist = torch.stack(hist, 1), torch.stack(dens, 1)
-    if not rows:
-        return c_hist, den_hist, None
-    out = torch.empty_like(values)
-    for i, b in enumerate(blocks):
-        a = maps[i] if keep else _assign(values[b].unsqueeze(1), c_hist[b, -2], tau)[0]
-        out[b] = (a.unsqueeze(-1) * c_hist[b, -1].unsqueeze(2)).sum(1)
-    return c_hist, den_hist, out
-
-
-def table_iterate(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int,
-                  reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
-    """Run ``n_iters`` mass-weighted soft k-means iterations on the table.
-
-    Args:
-        values: (G, U, d). mass: (G, U) counts (or importance masses). c0: (G, K, d).
-        reduce: Sums centroid numerators/denominators over ranks (`edkm.functional.shard`).
-    Returns:
-        ``(c_hist, den_hist)``: (G, n_iters + 1, K, d) centroids (c_hist[:, 0] = c0) and
-        (G, n_iters, K) denominators ``sum_j m_j a_jk``.
-    """
-    c_hist, den_hist, _ = _iterate(values, mass, c0, tau, n_iters, reduce, rows=False)
-    return c_hist, den_hist
-
-
-def table_forward(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int,
-                  reduce: Reduce | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`table_iterate` then `table_rows` of its last two centroid sets, sharing the map they
-    have in common: ``(c_hist, den_hist, rows)``, rows (G, U, d). ``n_iters`` >= 1."""
-    c_hist, den_hist, rows = _iterate(values, mass, c0, tau, n_iters, reduce, rows=True)
-    return c_hist, den_hist, rows
-
-
-def table_rows(values: Tensor, c_prev: Tensor, c_last: Tensor, tau: float) -> Tensor:
-    """Soft value of every row, ``h(v) = softmax(-||v - c_prev||^2 / tau) c_last``: (G, U, d)."""
-    G, U, d = values.shape
-    out = torch.empty_like(values)
-    for b in _group_blocks(G, U, c_prev.shape[1], d):
-        a, _ = _assign(values[b].unsqueeze(1), c_prev[b], tau)
-        out[b] = (a.unsqueeze(-1) * c_last[b].unsqueeze(2)).sum(1)
-    return out
-
-
-def _jacobian(a: Tensor, diff: Tensor, c_last: Tensor, k2: float) -> Tensor:
-    """``dh/dv`` with the centroids fixed: with g_k = -k2 (v - c_k) and h = sum_k a_k c_k,
-    ``J[e, f] = sum_k a_k c_k[e] g_k[f] - h[e] sum_k a_k g_k[f]``.
-
-    Args: a (b, K, U), diff (b, K, U, d), c_last (b, K, d). Returns (b, U) for d = 1,
-    else (b, U, d, d).
-    """
-    if diff.shape[-1] == 1:
-        d1, c = diff[..., 0], c_last  # (b, K, U), (b, K, 1)
-        h = (a * c).sum(1)
-        return -k2 * ((a * c * d1).sum(1) - h * (a * d1).sum(1))
-    h = torch.einsum("gku,gke->gue", a, c_last)
-    mean_g = torch.einsum("gku,gkuf->guf", a, diff)
-    return -k2 * (torch.einsum("gku,gke,gkuf->guef", a, c_last, diff) - h.unsqueeze(-1) * mean_g.unsqueeze(-2))
-
-
-def table_bwd(values: Tensor, mass: Tensor, seg: Tensor, c_hist: Tensor, den_hist: Tensor, tau: float,
-              reduce: Reduce | None = None) -> tuple[Tensor, Tensor]:
-    """Backward of the table: the per-element Jacobian and the gradient shared by a row.
-
-    With ``L = sum_j <seg_j, h_j>`` and the map of ``h`` held fixed (the per-element path is
-    ``jac``), ``R_j = dL/dv_j`` through the centroids of every iteration, derived by hand
-    (the formulas are in `edkm.kernels.table_bwd`, which runs the same math fused), one
-    pass over the table for the final map and one per iteration, a block of groups at a
-    time. With ``reduce`` (sharded points) the centroid gradient of each iteration is
-    summed over the ranks before it is used, as the backward of the forward's all-reduce.
-
-    Returns:
-        ``(jac, shared)``: jac (G, U) for d = 1 else (G, U, d, d), ``dh/dv (v_j)`` with
-        the last two centroid sets fixed; shared (G, U, d) ``R_j / m_j`` (0 on rows of
-        zero mass: padding, all-zero importance).
-    """
-    G, U, d = values.shape
-    T, K = den_hist.shape[1], den_hist.shape[2]
-    blocks = _group_blocks(G, U, K, d)
-    keep = _keeps_maps(G, U, K)
-    k2 = 2.0 / tau
-    jac = values.new_empty((G, U) if d == 1 else (G, U, d, d))
-    g_c = values.new_empty(G, K, d)  # dL/dC_T, then dL/dC_t going back
-    g_map = values.new_empty(G, K, d)  # dL/dC_{T-1} through the final map
-    maps = []
-    for b in blocks:  # final map h = a(v; C_{T-1}) C_T, the map of iteration T too
-        a, diff = _assign(values[b].unsqueeze(1), c_hist[b, T - 1], tau)
-        st, c_last = seg[b].unsqueeze(1), c_hist[b, T]  # (b, 1, U, d), (b, K, d)
-        g_c[b] = (a.unsqueeze(-1) * st).sum(2)
-        ga = (st * c_last.unsqueeze(2)).sum(-1)  # dL/da (b, K, U)
-        gz = a * (ga - (a * ga).sum(1, keepdim=True))  # dL/dz (softmax backward)
-        g_map[b] = k2 * (gz.unsqueeze(-1) * diff).sum(2)
-        jac[b] = _jacobian(a, diff, c_last, k2)
-        if keep:
-            maps.append((a, diff))
-    r = torch.zeros_like(values)
-    for t in range(T, 0, -1):  # iteration t: C_t = num / den of the map a(v; C_{t-1})
-        den = den_hist[:, t - 1].unsqueeze(-1)  # (G, K, 1)
-        live = den >= MIN_MASS
-        total = g_c if reduce is None else reduce(g_c.contiguous())
-        e = torch.where(live, total / torch.where(live, den, torch.ones_like(den)), torch.zeros_like(total))
-        ce = (c_hist[:, t] * e).sum(-1, keepdim=True)  # (G, K, 1) <C_t, e>
-        g_prev = values.new_empty(G, K, d)
-        for i, b in enumerate(blocks):
-            v, n = values[b], mass[b].unsqueeze(1)  # (b, U, d), (b, 1, U)
-            a, diff = maps[i] if keep and t == T else _assign(v.unsqueeze(1), c_hist[b, t - 1], tau)
-            ve = torch.einsum("gud,gkd->gku", v, e[b]) if d > 1 else v[..., 0].unsqueeze(1) * e[b]
-            ga = n * (ve - ce[b])  # dL/da = n <e, v - C_t>
-            gz = a * (ga - (a * ga).sum(1, keepdim=True))
-            gzd = gz.unsqueeze(-1) * diff  # (b, K, U, d)
-            r[b] += n.squeeze(1).unsqueeze(-1) * (a.unsqueeze(-1) * e[b].unsqueeze(2)).sum(1) - k2 * gzd.sum(1)
-            g_prev[b] = k2 * gzd.sum(2)
-        g_c = g_prev + torch.where(live, torch.zeros_like(g_c), g_c)  # an empty centroid passes through
-        if t == T:
-            g_c = g_c + g_map  # C_{T-1} also feeds the final map
-        maps = []
-    shared = r / torch.where(mass > 0, mass, torch.ones_like(mass)).unsqueeze(-1)
-    return jac, shared

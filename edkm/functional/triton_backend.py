@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
 from torch import Tensor
 
 from edkm import kernels
@@ -17,13 +18,15 @@ from edkm.functional import table as tbl
 from edkm.functional.autograd import TableOps
 
 
-def _rowmap(index: tbl.PatternIndex | Tensor) -> Tensor:
-    """The (G, 65536) int32 pattern -> row map the kernels read, from the torch index."""
-    if not isinstance(index, tbl.PatternIndex):
-        return index
-    rowmap = index.rows.new_zeros(index.rows.shape[0], tbl.N_PATTERNS)
-    rowmap[:, index.col >= 0] = index.rows
-    return rowmap
+def _index(table: tbl.Table) -> Tensor:
+    """The (G, 65536) int32 pattern -> row map the kernels read (built once per direction)."""
+    return tbl.pattern_rowmap(table.keys)
+
+
+def _torch_segment_sum(points: Tensor, grad: Tensor, index: Tensor, n_rows: int) -> Tensor:
+    """`table.segment_sum` (deterministic ``index_add_``) reading the kernels' row map."""
+    identity = torch.arange(tbl.N_PATTERNS, dtype=torch.int32, device=index.device)
+    return tbl.segment_sum(points, grad, tbl.PatternIndex(identity, index), n_rows)
 
 
 def _build(points: Tensor) -> tbl.Table:
@@ -31,18 +34,18 @@ def _build(points: Tensor) -> tbl.Table:
 
 
 def _segment_sum(points: Tensor, grad: Tensor, index: Tensor, n_rows: int) -> Tensor:
-    return kernels.triton_segment_sum(points[..., 0], grad[..., 0], _rowmap(index), n_rows).unsqueeze(-1)
+    return kernels.triton_segment_sum(points[..., 0], grad[..., 0], index, n_rows).unsqueeze(-1)
 
 
 def _gather_rows(points: Tensor, index: Tensor, rows: Tensor) -> Tensor:
-    return kernels.triton_gather_rows(points[..., 0], _rowmap(index), rows[..., 0]).unsqueeze(-1)
+    return kernels.triton_gather_rows(points[..., 0], index, rows[..., 0]).unsqueeze(-1)
 
 
 def _element_grad(points: Tensor, grad: Tensor, index: Tensor, jac: Tensor, shared: Tensor,
                   scale: Tensor | None = None) -> Tensor:
     if scale is not None:
         raise ValueError("the Triton element gradient takes no importance scale; use backend='torch'")
-    return kernels.triton_element_grad(points[..., 0], grad[..., 0], _rowmap(index), jac, shared[..., 0]).unsqueeze(-1)
+    return kernels.triton_element_grad(points[..., 0], grad[..., 0], index, jac, shared[..., 0]).unsqueeze(-1)
 
 
 def _no_reduce(reduce) -> None:
@@ -84,7 +87,8 @@ def triton_ops(deterministic: bool = False) -> TableOps:
     """
     return TableOps(
         build=_build,
-        segment_sum=tbl.segment_sum if deterministic else _segment_sum,
+        index=_index,
+        segment_sum=_torch_segment_sum if deterministic else _segment_sum,
         gather_rows=_gather_rows,
         element_grad=_element_grad,
         table_iterate=_table_iterate,

@@ -214,24 +214,30 @@ def test_centroid_with_denormal_mass_gives_finite_gradients(uniquify):
     assert c[2, 0].item() == pytest.approx(0.0975)  # kept, not moved by a denormal mass
 
 
+BIG = 1 << 40
+
+
+@pytest.mark.parametrize("block,keep", [(1, BIG), (BIG, 0), (1, 0)], ids=["blocks-kept", "one-block-recomputed",
+                                                                         "blocks-recomputed"])
 @pytest.mark.parametrize("n,d,groups,dtype", [(700, 1, 5, torch.bfloat16), (333, 2, 4, torch.float32),
                                                (20001, 1, 2, torch.float16), (333, 2, 4, torch.float64)])
-def test_table_blocks_and_recomputed_maps_change_nothing(monkeypatch, n, d, groups, dtype):
-    """One group per block, and maps recomputed instead of kept, against one block holding
-    every group with its maps kept: the same bits for d = 1
-    (elementwise ops and reductions along U only); for d > 1 the einsums may order their
-    sums differently by batch size, so there the rule against the naive fp64 path holds
-    (and fp64 equality in fp64)."""
-    from edkm.functional import table as tbl
+def test_table_blocks_and_recomputed_maps_change_nothing(monkeypatch, n, d, groups, dtype, block, keep):
+    """One group per block and/or maps recomputed instead of kept, against one block
+    holding every group with its maps kept: the same bits for d = 1 (elementwise ops and
+    reductions along U only); for d > 1 the einsums may order their sums differently by
+    batch size, so there the rule against the naive fp64 path holds (and fp64 equality
+    in fp64)."""
+    from edkm.functional import passes
 
     w, g, c0 = _data(n, d, groups, dtype)
-    monkeypatch.setattr(tbl, "TABLE_BLOCK", 1 << 40)
-    monkeypatch.setattr(tbl, "KEEP_MAPS", 1 << 40)
-    assert len(tbl._group_blocks(groups, n, 8, d)) == 1 and tbl._keeps_maps(groups, n, 8)
+    monkeypatch.setattr(passes, "TABLE_BLOCK", BIG)
+    monkeypatch.setattr(passes, "KEEP_MAPS", BIG)
+    assert len(passes._group_blocks(groups, n, 8, d)) == 1 and passes._keeps_maps(groups, n, 8, d)
     want = _run(w, g, c0, uniquify=True)
-    monkeypatch.setattr(tbl, "TABLE_BLOCK", 1)
-    monkeypatch.setattr(tbl, "KEEP_MAPS", 0)
-    assert len(tbl._group_blocks(groups, n, 8, d)) == groups and not tbl._keeps_maps(groups, 1, 1)
+    monkeypatch.setattr(passes, "TABLE_BLOCK", block)
+    monkeypatch.setattr(passes, "KEEP_MAPS", keep)
+    assert len(passes._group_blocks(groups, n, 8, d)) == (groups if block == 1 else 1)
+    assert passes._keeps_maps(groups, 1, 1, 1) == (keep == BIG)
     got = _run(w, g, c0, uniquify=True)
     if d == 1:
         for key in want:
@@ -276,7 +282,15 @@ def test_rebuild_holds_only_the_centroid_history_and_changes_no_bit(importance):
     assert runs["inside"][3] >= n * groups * 2 + history  # the bf16 cast and the table besides
 
 
-def test_rebuild_needs_the_table_path():
+def test_rebuild_and_cast_errors_name_the_value():
+    from edkm import DKMConfig
+
     w, g, c0 = _data(500, 1, 2, torch.bfloat16)
     with pytest.raises(ValueError, match="uniquify=True"):
         dkm(w, c0, tau=TAU, max_iters=2, uniquify=False, rebuild=True)
+    with pytest.raises(ValueError, match="torch.int16"):
+        dkm(w, c0, tau=TAU, max_iters=2, cast=torch.int16)
+    with pytest.raises(ValueError, match="uniquify=False"):
+        DKMConfig(rebuild=True, uniquify=False)
+    with pytest.raises(ValueError, match="shard=True"):
+        DKMConfig(rebuild=True, shard=True)

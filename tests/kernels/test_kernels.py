@@ -27,7 +27,14 @@ pytest.importorskip("triton")
 from tolerance import assert_ulps, assert_within_rule  # noqa: E402
 
 from edkm import kernels as K  # noqa: E402
-from edkm.functional import assign_codes, dkm, kmeans_init, resolve_backend, triton_ops  # noqa: E402
+from edkm.functional import (  # noqa: E402
+    assign_codes,
+    dkm,
+    kmeans_init,
+    passes,  # noqa: E402
+    resolve_backend,
+    triton_ops,
+)
 from edkm.functional import table as tbl  # noqa: E402
 from edkm.functional.autograd import TORCH_OPS, dkm_table  # noqa: E402
 from edkm.functional.packing import nearest, unpack_codes  # noqa: E402
@@ -55,9 +62,10 @@ def _weights(groups: int, n: int, dtype: torch.dtype, seed: int = 0) -> tuple[to
 
 
 def _table(w: torch.Tensor, k: int):
-    """The torch table of (G, N, 1) 16-bit weights, its row map, and k-means centroids (G, K, 1)."""
+    """The torch table of (G, N, 1) 16-bit weights, its index for the torch passes and its
+    row map for the kernels, and k-means centroids (G, K, 1)."""
     table = tbl.build_table(w)
-    return table, table.index(), kmeans_init(w, k, iters=5)
+    return table, (table.index(), TRITON.index(table)), kmeans_init(w, k, iters=5)
 
 
 def _to64(*ts):
@@ -102,16 +110,16 @@ def _with_rounding_ties(rows: torch.Tensor, dtype: torch.dtype, seed: int = 0) -
 def test_gather_rows_is_bit_exact(groups, n, dtype):
     w, _ = _weights(groups, n, dtype)
     table, index, c0 = _table(w, 8)
-    rows = _with_rounding_ties(tbl.table_rows(table.values, c0, c0 * 1.01, TAU), dtype)
-    got = TRITON.gather_rows(w, index, rows)
-    want = tbl.gather_rows(w, index, rows)
+    rows = _with_rounding_ties(passes.table_rows(table.values, c0, c0 * 1.01, TAU), dtype)
+    got = TRITON.gather_rows(w, index[1], rows)
+    want = tbl.gather_rows(w, index[0], rows)
     assert got.dtype == dtype and got.shape == w.shape
     assert_ulps("gather", got, want, 0)
 
 
-def _rows_of(w: torch.Tensor, index: tbl.PatternIndex) -> torch.Tensor:
-    """(G, N) table row of every point, looked up without the chunked passes."""
-    return index.rows.gather(1, index.col[tbl._pattern(w[..., 0])].long()).long()
+def _rows_of(w: torch.Tensor, index: tuple) -> torch.Tensor:
+    """(G, N) table row of every point, looked up in the kernels' row map without the passes."""
+    return index[1].gather(1, tbl._pattern(w[..., 0])).long()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,8 +128,8 @@ def test_segment_sum_within_rule(groups, n, dtype):
     w, g = _weights(groups, n, dtype)
     table, index, _ = _table(w, 8)
     U = table.values.shape[1]
-    got = TRITON.segment_sum(w, g, index, U)
-    want = tbl.segment_sum(w, g, index, U)
+    got = TRITON.segment_sum(w, g, index[1], U)
+    want = tbl.segment_sum(w, g, index[0], U)
     ref = torch.zeros(groups, U, dtype=torch.float64, device=DEVICE).scatter_add_(1, _rows_of(w, index), g[..., 0].double())
     assert_within_rule("segment sum", got[..., 0], want[..., 0], ref)
 
@@ -130,7 +138,7 @@ def test_segment_sum_takes_an_expanded_gradient():
     w, _ = _weights(2, 999, torch.bfloat16)
     table, index, _ = _table(w, 8)
     g = torch.ones((), dtype=torch.bfloat16, device=DEVICE).expand(2, 999, 1)  # strides 0, as from out.sum()
-    got = TRITON.segment_sum(w, g, index, table.values.shape[1])
+    got = TRITON.segment_sum(w, g, index[1], table.values.shape[1])
     torch.testing.assert_close(got[..., 0], table.counts, rtol=0, atol=0)
 
 
@@ -143,8 +151,8 @@ def test_element_grad_within_one_ulp(groups, n, dtype):
     # Both terms matter: |dh/dv| reaches ~1e2 at tau = 1e-4; the shared term gets the same scale here.
     jac = (torch.randn(table.counts.shape, generator=gen) * 50).to(DEVICE)
     shared = (torch.randn(table.values.shape, generator=gen) * 50).to(DEVICE)
-    got = TRITON.element_grad(w, g, index, jac, shared)
-    want = tbl.element_grad(w, g, index, jac, shared)
+    got = TRITON.element_grad(w, g, index[1], jac, shared)
+    want = tbl.element_grad(w, g, index[0], jac, shared)
     assert got.dtype == dtype
     assert_ulps("element grad", got, want, 1)
 
@@ -187,14 +195,14 @@ def test_table_forward_within_rule(groups, n, dtype, k, empty):
     if empty:
         c0[:, -1] = 5.0
     c_k, d_k = TRITON.table_iterate(v, counts, c0, TAU, 3)
-    c_t, d_t = tbl.table_iterate(v, counts, c0, TAU, 3)
-    c_r, d_r = tbl.table_iterate(*_to64(v, counts, c0), TAU, 3)
+    c_t, d_t = passes.table_iterate(v, counts, c0, TAU, 3)
+    c_r, d_r = passes.table_iterate(*_to64(v, counts, c0), TAU, 3)
     assert_within_rule("centroids", c_k, c_t, c_r)
     assert_within_rule("denominators", d_k, d_t, d_r)
     c_prev, c_last = c_r[:, -2].float(), c_r[:, -1].float()
     rows_k = TRITON.table_rows(v, c_prev, c_last, TAU)
-    rows_t = tbl.table_rows(v, c_prev, c_last, TAU)
-    rows_r = tbl.table_rows(*_to64(v, c_prev, c_last), TAU)
+    rows_t = passes.table_rows(v, c_prev, c_last, TAU)
+    rows_r = passes.table_rows(*_to64(v, c_prev, c_last), TAU)
     assert_within_rule("row values", rows_k, rows_t, rows_r)
 
 
@@ -203,8 +211,8 @@ def _bwd_inputs(groups, n, dtype, k, iters, empty=False):
     table, index, c0 = _table(w, k)
     if empty:
         c0[:, -1] = 5.0  # no weight is near: its softmax weight underflows to 0, den = 0
-    c_hist, den_hist = tbl.table_iterate(*_to64(table.values, table.counts, c0), TAU, iters)
-    seg = tbl.segment_sum(w, g, index, table.values.shape[1])
+    c_hist, den_hist = passes.table_iterate(*_to64(table.values, table.counts, c0), TAU, iters)
+    seg = tbl.segment_sum(w, g, index[0], table.values.shape[1])
     return table.values, table.counts, seg, c_hist.float(), den_hist.float()
 
 
@@ -222,8 +230,8 @@ def test_table_backward_matches_autograd_within_rule(groups, n, dtype, k, iters,
     if empty:
         assert (den_hist[:, :, -1] == 0).all()
     jac_k, sh_k = TRITON.table_bwd(v, counts, seg, c_hist, den_hist, TAU)
-    jac_t, sh_t = tbl.table_bwd(v, counts, seg, c_hist, den_hist, TAU)
-    jac_r, sh_r = tbl.table_bwd(*_to64(v, counts, seg, c_hist, den_hist), TAU)
+    jac_t, sh_t = passes.table_bwd(v, counts, seg, c_hist, den_hist, TAU)
+    jac_r, sh_r = passes.table_bwd(*_to64(v, counts, seg, c_hist, den_hist), TAU)
     assert_within_rule("jacobian", jac_k, jac_t, jac_r)
     assert_within_rule("shared gradient", sh_k, sh_t, sh_r)
 
@@ -286,15 +294,21 @@ def test_dkm_triton_stops_early_like_torch_and_takes_expanded_grads(eps):
 
 def test_deterministic_mode_swaps_the_atomic_segment_sum(monkeypatch):
     from edkm import functional
+    from edkm.functional import triton_backend
 
-    assert triton_ops(deterministic=True).segment_sum is tbl.segment_sum
-    assert triton_ops().segment_sum is not tbl.segment_sum
+    torch_sum = triton_backend._torch_segment_sum  # table.segment_sum reading the kernels' row map
+    assert triton_ops(deterministic=True).segment_sum is torch_sum
+    assert triton_ops().segment_sum is not torch_sum
+    w, g = _weights(2, 999, torch.bfloat16)
+    table, index, _ = _table(w, 8)
+    U = table.values.shape[1]
+    assert torch.equal(torch_sum(w, g, index[1], U), tbl.segment_sum(w, g, index[0], U))
     seen = []
     monkeypatch.setattr(functional, "dkm_table", lambda *a, ops, **kw: seen.append(ops) or (a[0], a[1]))
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     w = torch.zeros(1, 16, 1, dtype=torch.bfloat16, device=DEVICE)
     dkm(w, torch.zeros(1, 2, 1, device=DEVICE), tau=TAU, max_iters=1, backend="triton")
-    assert seen[0].segment_sum is tbl.segment_sum
+    assert seen[0].segment_sum is torch_sum
 
 
 def test_dkm_table_through_triton_ops_equals_dkm_backend_triton():
