@@ -4,6 +4,7 @@ the plain LM loss as before, bad values are named, and --resume refuses a change
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from edkm.distill import distill_loss
 from edkm.preparation import prepare
 from edkm.train.config import ConfigError, load_config
 from edkm.train.data import data_order, load_inputs, micro_batch
+from edkm.train.guard import DivergenceGuard
 from edkm.train.loop import train
 from edkm.train.resume import config_changes
 from edkm.train.state import seed_all
@@ -120,3 +122,13 @@ def test_checkpoints_from_before_the_loss_key_read_as_ce():
     assert config_changes({"config": saved, "world_size": 1}, cfg, 1) == {}
     with pytest.raises(ConfigError, match=r"optim.loss \('ce' -> 'kd'\)"):
         config_changes({"config": saved, "world_size": 1}, load_config(TINY, ["optim.loss=kd"]), 1)
+
+
+def test_the_held_out_check_of_a_kd_run_compares_with_the_float_model_not_the_kl():
+    """A KL of 0.3 nats and a held-out loss of 3.5 (ppl 33) are fine together; a held-out
+    loss 10x the float model's is not."""
+    guard = DivergenceGuard(loss_spike=10.0, heldout_reference=math.log(32.0))
+    guard.losses = [0.3, 0.25]
+    assert guard.check_heldout(33.0) is None
+    assert "times the float model's (3.466)" in guard.check_heldout(math.exp(40.0))
+    assert "training losses" in DivergenceGuard(loss_spike=10.0, losses=[0.3]).check_heldout(33.0)  # the ce rule
