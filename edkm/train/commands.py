@@ -47,7 +47,7 @@ def evaluate_source(source: str, config: TrainConfig, tokenizer: str | None = No
         raise ValueError(f"{source!r} has a {vocab[0]}-token vocabulary but the float model of model.source="
                          f"{config.model.source!r} has {vocab[1]}: pass the --config the model was trained with")
     windows = heldout_windows(config, tok)
-    domains = reference_domains(reference, config, tok, keep_logits=False, heldout=windows)
+    domains = reference_domains(reference, config, tok, heldout=windows)
     report = domain_report(model, reference, domains)
     with torch.no_grad():  # exactly the trainer's held-out score (fidelity sums the same NLL in another order)
         ppl = perplexity(model, windows)

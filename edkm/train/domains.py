@@ -14,9 +14,10 @@ perplexity, its ratio to the float model's, the mean per-token KL(teacher || stu
 top-1 next-token agreement (`edkm.evaluate.fidelity`).
 
 The float model's side is computed once, before clustering (`reference_domains`): its
-perplexity per domain, and, when no teacher model stays resident (``optim.loss=ce``), its
-logits on every window (``n * (L - 1) * V * 4`` bytes per domain: 400 MB for 16 x 128
-tokens of SmolLM2's 49,152-token vocabulary), so the report needs no second copy of the model.
+perplexity per domain, and, when no teacher model stays resident (``optim.loss=ce``), either
+its logits on every window (``n * (L - 1) * V * 4`` bytes per domain: 400 MB for 16 x 128
+tokens of SmolLM2's 49,152-token vocabulary) or, when those would take more memory than the
+model itself (SmolLM2 with two such domains: 800 MB > 540 MB), a frozen copy of the model.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def domain_windows(name: str, config: TrainConfig, tokenizer: Any,
     return windows, f"held-out tail of {corpus.source} ({corpus.license})"
 
 
-def reference_domains(model: torch.nn.Module, config: TrainConfig, tokenizer: Any, keep_logits: bool,
+def reference_domains(model: torch.nn.Module, config: TrainConfig, tokenizer: Any, logit_budget: int | None = None,
                       heldout: torch.Tensor | None = None, batch_size: int = 4,
                       heldout_ppl: float | None = None) -> list[Domain]:
     """The float model's numbers on every domain of ``config.data.eval_domains``.
@@ -98,18 +99,25 @@ def reference_domains(model: torch.nn.Module, config: TrainConfig, tokenizer: An
     Args:
         model: The float model (before `edkm.prepare`).
         config, tokenizer, heldout: As `domain_windows`.
-        keep_logits: Keep the float model's logits for `domain_report` (when the float
-            model will not be around afterwards).
+        logit_budget: Keep the float model's logits for `domain_report` (so it needs no
+            float model) when all domains' logits together take at most this many bytes;
+            None: never keep them.
         batch_size: Windows per forward pass.
         heldout_ppl: The float model's perplexity on ``heldout``, when already measured
-            (saves a pass; used only without ``keep_logits``).
+            (saves a pass when no logits are kept).
     Returns:
-        One `Domain` per name, in order.
+        One `Domain` per name, in order; their ``logits`` are all set or all None.
     """
+    texts = [(name, *domain_windows(name, config, tokenizer, heldout)) for name in config.data.eval_domains]
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    need = sum(w.shape[0] * (w.shape[1] - 1) * vocab * 4 for _, w, _ in texts)  # float32 logits
+    keep = logit_budget is not None and need <= logit_budget
+    if logit_budget is not None and not keep:
+        log.info("the float model's logits on %s would take %.2f GiB > %.2f GiB: not kept", list(config.data.eval_domains),
+                 need / 2**30, logit_budget / 2**30)
     out = []
-    for name in config.data.eval_domains:
-        windows, source = domain_windows(name, config, tokenizer, heldout)
-        logits = teacher_logits(model, windows, batch_size) if keep_logits else None
+    for name, windows, source in texts:
+        logits = teacher_logits(model, windows, batch_size) if keep else None
         if logits is not None:
             ppl = _ppl_from_logits(logits, windows)
         elif name == HELDOUT and heldout is not None and heldout_ppl is not None:

@@ -132,7 +132,7 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
     model, opt, sched = prepare_model(model, config, importance, acc.device)
     del importance  # the layers keep a bf16 copy; free the fp32 Fisher
     guard = DivergenceGuard(loss_spike=config.run.loss_spike, max_weight_abs=config.run.max_weight_abs,
-                            heldout_reference=None if teacher is None else math.log(ppl_before))
+                            heldout_reference=None if config.optim.loss == "ce" else math.log(ppl_before))
     ts = TrainState()
     if saved is not None:
         ts = restore(saved, model, opt, sched, guard)

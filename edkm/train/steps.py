@@ -52,7 +52,8 @@ class Run:
         model: The (accelerate-prepared) model. opt, sched: Optimizer and LR scheduler.
         windows: Training / held-out token windows. heldout: The scored held-out windows.
         order: The data permutation. out: The run directory.
-        teacher: The frozen float model of the ``kd`` losses (None for ``ce``).
+        teacher: The frozen float model of the ``kd`` losses and the report (None when
+            the report uses stored float logits; `step_loss` ignores it for ``ce``).
         domains: The evaluation domains with the float model's numbers
             (`edkm.train.domains.reference_domains`).
     """
@@ -100,16 +101,20 @@ def float_side(model: torch.nn.Module, tokenizer: Any, windows: TokenWindows, he
         ppl_before: The float model's held-out perplexity, when measured already.
     Returns:
         ``(training windows, teacher, domains)``: the windows of ``data.source``
-        (`edkm.train.sources.training_windows`), `make_teacher`'s model, and
-        `edkm.train.domains.reference_domains` of ``data.eval_domains`` (holding the float
-        model's logits when no teacher stays resident).
+        (`edkm.train.sources.training_windows`), the frozen float model (`make_teacher`'s
+        for the ``kd`` losses; for ``ce`` only when the report's float logits would take
+        more memory than this copy, else None), and `edkm.train.domains.reference_domains`
+        of ``data.eval_domains`` (holding the float model's logits when no teacher is kept).
     """
     from edkm.train.domains import reference_domains
     from edkm.train.sources import training_windows
 
     teacher = make_teacher(model, config, device)
-    domains = reference_domains(teacher if teacher is not None else model, config, tokenizer,
-                                keep_logits=teacher is None, heldout=heldout, heldout_ppl=ppl_before)
+    budget = None if teacher is not None else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    domains = reference_domains(teacher if teacher is not None else model, config, tokenizer, logit_budget=budget,
+                                heldout=heldout, heldout_ppl=ppl_before)
+    if teacher is None and domains[0].logits is None:  # a copy of the model is smaller than its logits
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
     return training_windows(config, model, tokenizer, windows, device), teacher, domains
 
 

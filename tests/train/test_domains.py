@@ -46,8 +46,9 @@ def test_stored_float_logits_score_like_the_float_model_itself(tmp_path):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *FAST])
     model, tok, windows = load_inputs(cfg)
     held = windows.heldout[:2]
-    stored = reference_domains(model, cfg, tok, keep_logits=True, heldout=held)
-    live = reference_domains(model, cfg, tok, keep_logits=False, heldout=held)
+    stored = reference_domains(model, cfg, tok, logit_budget=2 * 2 * 63 * 256 * 4, heldout=held)  # just fits
+    live = reference_domains(model, cfg, tok, logit_budget=2 * 2 * 63 * 256 * 4 - 1, heldout=held)  # does not
+    assert all(d.logits is not None for d in stored) and all(d.logits is None for d in live)
     teacher = load_inputs(cfg)[0]  # the same float model (seeded), before clustering
     prepare(model, cfg.dkm)
     a, b = domain_report(model, None, stored), domain_report(model, teacher, live)
@@ -99,3 +100,18 @@ def test_eval_scores_every_domain_against_the_float_model(tmp_path):
     assert held["perplexity"] == pytest.approx(row["perplexity"], rel=1e-5)
     assert math.isfinite(held["kl"]) and held["kl"] > 0 and 0 < held["top1_agreement"] <= 1
     assert torch.isfinite(torch.tensor(row["domains"]["wiki"]["after"]["perplexity"]))
+
+
+@pytest.mark.parametrize("windows, copied", [(2, False), (16, True)])
+def test_a_ce_run_keeps_float_logits_or_a_model_copy_whichever_is_smaller(tmp_path, windows, copied):
+    from edkm.train.steps import float_side
+
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *FAST, f"data.heldout_windows={windows}"])
+    model, tok, win = load_inputs(cfg)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    logit_bytes = 2 * windows * 63 * 256 * 4  # two domains of (windows, 63, 256) float32
+    assert (logit_bytes > model_bytes) == copied  # the two cases straddle the rule
+    _, teacher, domains = float_side(model, tok, win, win.heldout[:windows], cfg, torch.device("cpu"))
+    assert (teacher is not None) == copied and all((d.logits is None) == copied for d in domains)
+    if copied:
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
