@@ -1,7 +1,7 @@
 """The ``edkm`` command line: a thin shell that builds configs and calls library functions.
 
     edkm train  --config configs/NAME.yaml [--output-dir DIR] [--max-steps N] [--resume] [k=v ...]
-    edkm eval   --model PATH          perplexity on the held-out split
+    edkm eval   --model PATH          perplexity, ratio to fp, KL, top-1 on each data.eval_domains text
     edkm export --checkpoint DIR --out FILE [--which best|latest] [--format edkm|folder|coreml]
     edkm generate --model FILE|DIR --prompt TEXT [--max-new-tokens N] [--temperature T --top-k K --seed S]
     edkm lowrank --config configs/NAME.yaml --out DIR   (LoRD; train then clusters DIR)
@@ -80,10 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. dkm.bits=3 optim.lr=1e-4")
     t.set_defaults(func=_train)
 
-    e = add("eval", "Perplexity of a model on the held-out split of the corpus.")
+    e = add("eval", "Perplexity, ratio to the float model, KL(teacher||student) and top-1 agreement of a model "
+            "on every data.eval_domains text (default: the corpus's held-out split and out-of-domain wiki).")
     e.add_argument("--model", required=True,
                    help="An edkm export (.edkm.safetensors), a local HF directory, a .gguf file, or 'smollm2'.")
-    e.add_argument("--config", help="YAML config whose data section picks corpus and windows.")
+    e.add_argument("--config", help="YAML config whose data section picks corpus, windows and eval_domains, and "
+                   "whose model section is the float model to compare with (default: SmolLM2).")
     e.add_argument("--tokenizer", help="Tokenizer source for exports: 'smollm2', 'bytes', or an HF directory.")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides for the data section.")
     e.set_defaults(func=_eval)
@@ -173,6 +175,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.steps}/{config.optim.max_steps}; checkpoint in {result.output_dir}")
         return 0
     print(f"perplexity before: {result.ppl_before:.3f}   after ({config.dkm.bits}-bit DKM): {result.ppl_after:.3f}")
+    from edkm.train.domains import format_report
+
+    for line in format_report(result.domains):
+        print(f"  {line}")
     if result.rollbacks:
         print(f"the run rolled back {result.rollbacks} time(s) after divergence (see metrics.jsonl)")
     if result.export_path:

@@ -23,22 +23,35 @@ WHICH = ("best", "latest")
 
 
 def evaluate_source(source: str, config: TrainConfig, tokenizer: str | None = None) -> dict[str, Any]:
-    """Held-out perplexity of any model on the corpus of ``config.data``.
+    """Perplexity and fidelity to the float model of any model on every evaluation domain.
 
     Args:
         source: An edkm export, ``"smollm2"``, an HF directory or a .gguf file.
-        config: Its ``data`` section picks corpus, window length and window count.
+        config: Its ``data`` section picks corpus, window length, window count and
+            ``eval_domains``; its ``model`` section names the float model the scores are
+            relative to (the teacher: ``smollm2`` by default, ``tiny`` for tiny runs).
         tokenizer: Tokenizer of an export (see `edkm.train.data.load_any_model`).
     Returns:
-        ``{"model", "perplexity", "heldout_tokens"}``.
+        ``{"model", "perplexity", "heldout_tokens", "domains"}``: the perplexity on the
+        corpus's held-out split exactly as the trainer scores it, and
+        `edkm.train.domains.domain_report` per domain.
+        Raises ``ValueError`` when the model and the float model's vocabularies differ.
     """
     from edkm.evaluate import perplexity
+    from edkm.train.domains import domain_report, reference_domains
 
     model, tok = load_any_model(source, tokenizer)
+    reference, _ = load_model(config)
+    vocab = (model.get_output_embeddings().weight.shape[0], reference.get_output_embeddings().weight.shape[0])
+    if vocab[0] != vocab[1]:
+        raise ValueError(f"{source!r} has a {vocab[0]}-token vocabulary but the float model of model.source="
+                         f"{config.model.source!r} has {vocab[1]}: pass the --config the model was trained with")
     windows = heldout_windows(config, tok)
-    with torch.no_grad():
+    domains = reference_domains(reference, config, tok, heldout=windows)
+    report = domain_report(model, reference, domains)
+    with torch.no_grad():  # exactly the trainer's held-out score (fidelity sums the same NLL in another order)
         ppl = perplexity(model, windows)
-    return {"model": source, "perplexity": ppl, "heldout_tokens": windows.numel()}
+    return {"model": source, "perplexity": ppl, "heldout_tokens": windows.numel(), "domains": report}
 
 
 def pick_checkpoint(path: str | Path, which: str = "best") -> Path:

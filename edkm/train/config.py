@@ -2,9 +2,10 @@
 
     TrainConfig
       model: ModelConfig     which LLaMA to load (SmolLM2 default, a local path, or tiny)
-      data:  DataConfig      which text, window length, held-out split
+      data:  DataConfig      which text (corpus / teacher-sampled / mix), windows, held-out
+                             split, the evaluation domains
       dkm:   DKMConfig       clustering (edkm.config)
-      optim: OptimConfig     AdamW, schedule, accumulation, autocast, tau schedule
+      optim: OptimConfig     loss (kd / ce / kd+ce), AdamW, schedule, accumulation, autocast, tau
       run:   RunConfig       output dir, checkpoint/log cadence, seed, export
       lowrank: LowRankConfig or None   what `edkm lowrank` decomposes (edkm.lowrank)
 
@@ -28,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_DIVERGENCE = ("stop", "rollback")
+LOSSES = ("kd", "ce", "kd+ce")
+SOURCES = ("corpus", "teacher", "mix")
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,19 @@ class DataConfig:
         importance_windows: Training windows whose squared gradients (diagonal Fisher,
             `edkm.fisher_importance`) weight the k-means init and every DKM centroid
             update (sensitivity-aware clustering); 0 = unweighted.
+        source: What the model trains on: ``corpus`` (windows of ``corpus``), ``teacher``
+            (``teacher_windows`` windows sampled from the float model itself,
+            `edkm.hub.teacher_text.sample_teacher_windows`) or ``mix`` (those teacher
+            windows plus as many corpus windows, a seeded choice). The held-out split
+            of ``corpus`` is scored in every case.
+        teacher_windows: Windows the float model samples for ``teacher`` / ``mix``.
+        teacher_cache_dir: Where sampled windows are cached (keyed by model and settings);
+            ``""`` = edkm's cache (``$EDKM_CACHE_DIR`` or ``~/.cache/edkm``).
+        eval_domains: Texts the before/after report and ``edkm eval`` score, each with
+            perplexity, ratio to the float model, KL(teacher || student) and top-1
+            agreement: ``heldout`` (the held-out split of ``corpus``), or a corpus name /
+            path of `edkm.hub.text.load_corpus` (``wiki``: out-of-domain Wikipedia text,
+            never trained on), whose held-out tail is scored.
     """
 
     corpus: str = "default"
@@ -83,9 +99,20 @@ class DataConfig:
     heldout_windows: int = 32
     max_train_windows: int = 0
     importance_windows: int = 0
+    source: str = "corpus"
+    teacher_windows: int = 64
+    teacher_cache_dir: str = ""
+    eval_domains: tuple[str, ...] = ("heldout", "wiki")
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len, minimum=2)
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        _positive("data.teacher_windows", self.teacher_windows)
+        domains = (self.eval_domains,) if isinstance(self.eval_domains, str) else tuple(self.eval_domains)
+        if not domains or not all(isinstance(d, str) and d for d in domains) or len(set(domains)) != len(domains):
+            raise ValueError(f"data.eval_domains must be a non-empty list of distinct names, got {self.eval_domains!r}")
+        object.__setattr__(self, "eval_domains", domains)
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
         _positive("data.heldout_windows", self.heldout_windows, minimum=0)
@@ -107,6 +134,12 @@ class OptimConfig:
         mixed_precision: ``no``, ``bf16`` or ``fp16`` autocast (through accelerate).
         tau_start: If set, tau decays geometrically from this to ``dkm.tau`` over the
             run (soft assignments early, nearly hard at the end).
+        loss: ``kd``: per-token KL(teacher || student) from the frozen float model (the
+            teacher, kept before clustering) over the full vocabulary
+            (`edkm.distill.distill_loss`); ``ce``: next-token cross-entropy on the
+            training text; ``kd+ce``: ``kd + ce_weight * ce``.
+        kd_temperature: Softmax temperature T of ``kd`` (the KL is scaled by T**2).
+        ce_weight: Weight of the cross-entropy term of ``kd+ce``.
     """
 
     lr: float = 5e-5
@@ -119,8 +152,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "no"
     tau_start: float | None = None
+    loss: str = "kd"
+    kd_temperature: float = 1.0
+    ce_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise ValueError(f"optim.kd_temperature must be > 0, got {self.kd_temperature!r}")
+        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise ValueError(f"optim.ce_weight must be >= 0, got {self.ce_weight!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
         if self.schedule not in SCHEDULES:

@@ -45,6 +45,17 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, Any]:
 
 def load_model_and_windows(config: TrainConfig) -> tuple[torch.nn.Module, TokenWindows]:
     """Load the model and tokenize the corpus into train / held-out windows."""
+    model, _, windows = load_inputs(config)
+    return model, windows
+
+
+def load_inputs(config: TrainConfig) -> tuple[torch.nn.Module, Any, TokenWindows]:
+    """The model, its tokenizer and the corpus's train / held-out windows.
+
+    Returns:
+        ``(model, tokenizer, windows)``. Raises ``ValueError`` naming the corpus when it
+        fills no train or held-out window.
+    """
     model, tokenizer = load_model(config)
     d = config.data
     split = split_corpus(load_corpus(d.corpus, text_key=d.text_key), heldout_fraction=d.heldout_fraction)
@@ -53,7 +64,7 @@ def load_model_and_windows(config: TrainConfig) -> tuple[torch.nn.Module, TokenW
     if windows.train.shape[0] == 0 or windows.heldout.shape[0] == 0:
         raise ValueError(f"corpus {d.corpus!r} is too small for seq_len={d.seq_len}: "
                          f"{windows.train.shape[0]} train / {windows.heldout.shape[0]} held-out windows")
-    return model, windows
+    return model, tokenizer, windows
 
 
 def heldout_windows(config: TrainConfig, tokenizer: Any) -> torch.Tensor:

@@ -37,12 +37,16 @@ class DivergenceGuard:
         loss_spike: Loss above this factor times the recent mean is divergence (0 = off).
         max_weight_abs: Largest allowed ``|parameter|`` (0 = only the finite check).
         window: Number of recent losses averaged.
+        heldout_reference: The held-out loss the held-out check compares with, when the
+            training loss is no held-out-comparable cross-entropy (distillation: a KL,
+            near 0): the float model's ``log ppl``. None: the recent training losses.
     """
 
     loss_spike: float = 10.0
     max_weight_abs: float = 65504.0
     window: int = 10
     losses: list[float] = field(default_factory=list)
+    heldout_reference: float | None = None
 
     def check(self, loss: float, grad_norm: float | None, model: nn.Module, bad_grad: str | None = None) -> str | None:
         """Why the state after this step must not be kept, or None when it is fine.
@@ -76,10 +80,17 @@ class DivergenceGuard:
 
         The training loss of a step is measured before its update, so the held-out score
         taken before a checkpoint is what vouches for the weights being written: it must
-        be finite and its loss (``log ppl``) within ``loss_spike`` times the recent mean.
+        be finite and its loss (``log ppl``) within ``loss_spike`` times the recent mean
+        (times ``heldout_reference`` when that is set).
         """
         if not math.isfinite(ppl):
             return f"the held-out perplexity is {ppl}"
+        if self.loss_spike and self.heldout_reference is not None:
+            loss = math.log(ppl)
+            if loss > self.loss_spike * max(self.heldout_reference, 1e-6):
+                return (f"the held-out loss {loss:.4g} (perplexity {ppl:.4g}) is more than run.loss_spike="
+                        f"{self.loss_spike:g} times the float model's ({self.heldout_reference:.4g})")
+            return None
         if self.loss_spike and self.losses:
             mean, loss = sum(self.losses) / len(self.losses), math.log(ppl)
             if loss > self.loss_spike * mean:

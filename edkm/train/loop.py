@@ -1,8 +1,10 @@
 """The training loop: load a LLaMA, cluster it with DKM while fine-tuning, evaluate, export.
 
 `train(config)` runs one job end to end with the steps of `edkm.train.steps`:
-perplexity before, (resume), calibrate, prepare, optimizer steps, held-out evaluation,
-crash-safe checkpoints, perplexity after (hard LUT weights), finalize and the packed
+perplexity before, (resume), the float model's side (training windows of ``data.source``,
+the ``kd`` teacher, its numbers on ``data.eval_domains``), calibrate, prepare, optimizer
+steps, held-out evaluation, crash-safe checkpoints, perplexity after (hard LUT weights),
+the per-domain report (`edkm.train.domains`, in ``summary.json``), finalize and the packed
 export. Multi-GPU runs go through accelerate (``accelerate launch -m edkm train ...``);
 accelerate owns devices, DDP and autocast, and this module never spawns processes.
 
@@ -43,13 +45,14 @@ from edkm.train.checkpoint import (
     save_checkpoint,
 )
 from edkm.train.config import TrainConfig
-from edkm.train.data import data_order, load_model_and_windows
+from edkm.train.data import data_order, load_inputs
+from edkm.train.domains import domain_report
 from edkm.train.guard import DivergenceError, DivergenceGuard
 from edkm.train.lock import RunLock
 from edkm.train.resume import SCHEDULE_KEYS
 from edkm.train.schedule import rebase_lr
 from edkm.train.state import TrainState, restore, seed_all, snapshot
-from edkm.train.steps import Run, calibrate, evaluate, export_model, prepare_model, resume_point, train_step
+from edkm.train.steps import Run, calibrate, evaluate, export_model, float_side, prepare_model, resume_point, train_step
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ class TrainResult:
     """What a run produced.
 
     ``ppl_after`` is the final model's held-out perplexity (NaN for a run stopped early);
-    ``export_step`` the step whose weights were exported (the best scored one).
+    ``export_step`` the step whose weights were exported (the best scored one);
+    ``domains`` the per-domain report of those weights (`edkm.train.domains.domain_report`).
     """
 
     ppl_before: float
@@ -71,6 +75,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     export_step: int | None = None
     rollbacks: int = 0
+    domains: dict[str, Any] = field(default_factory=dict)
 
 
 def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
@@ -114,7 +119,7 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
     """Model, windows, perplexity before, (resume), calibrate, prepare: everything up to
     the first step. Returns the run, its counters, the guard and the checkpoint meta."""
     seed_all(config.run.seed)
-    model, windows = load_model_and_windows(config)
+    model, tokenizer, windows = load_inputs(config)
     heldout = windows.heldout[: config.data.heldout_windows or None]
     saved, manifest, applied = resume_point(out, config, acc.num_processes) if resume else (None, None, {})
     if manifest is not None:
@@ -122,17 +127,19 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
     else:
         ppl_before = evaluate(model, heldout, acc)
         log.info("perplexity before clustering: %.3f on %d held-out tokens", ppl_before, heldout.numel())
+    windows, teacher, domains = float_side(model, tokenizer, windows, heldout, config, acc.device, ppl_before)
     importance = calibrate(model, windows.train, config, acc.device)
     model, opt, sched = prepare_model(model, config, importance, acc.device)
     del importance  # the layers keep a bf16 copy; free the fp32 Fisher
-    guard = DivergenceGuard(loss_spike=config.run.loss_spike, max_weight_abs=config.run.max_weight_abs)
+    guard = DivergenceGuard(loss_spike=config.run.loss_spike, max_weight_abs=config.run.max_weight_abs,
+                            heldout_reference=None if config.optim.loss == "ce" else math.log(ppl_before))
     ts = TrainState()
     if saved is not None:
         ts = restore(saved, model, opt, sched, guard)
         _apply_changes(applied, opt, sched, config, ts)
     model, opt = acc.prepare(model, opt)
     order = data_order(windows.train.shape[0], config.run.seed)
-    run = Run(config, acc, model, opt, sched, windows, heldout, order, out)
+    run = Run(config, acc, model, opt, sched, windows, heldout, order, out, teacher, domains)
     history = (manifest or {}).get("meta", {}).get("resumed", []) + (
         [{"step": ts.step, "applied": {k: list(v) for k, v in applied.items()}}] if resume else [])
     meta = {"config": config.to_dict(), "ppl_before": ppl_before, "world_size": acc.num_processes, "resumed": history}
@@ -194,10 +201,15 @@ def _finish(run: Run, ts: TrainState, ppl_before: float, score: float, metrics: 
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
     if config.run.export and acc.is_main_process:
         result.export_step = _load_best(model, out, ts.step, ppl_after)
+    if acc.is_main_process:  # the exported (best) weights when exporting, else the final ones
+        with acc.autocast():
+            result.domains = domain_report(model, run.teacher, run.domains)
+    if config.run.export and acc.is_main_process:
         result.export_path = out / "model.edkm.safetensors"
         result.sizes = export_model(model, result.export_path)
     summary = {"ppl_before": ppl_before, "ppl_after": ppl_after, "steps": ts.step, "sizes": result.sizes,
-               "heldout_tokens": run.heldout.numel(), "export_step": result.export_step, "rollbacks": ts.rollbacks}
+               "heldout_tokens": run.heldout.numel(), "export_step": result.export_step, "rollbacks": ts.rollbacks,
+               "domains": result.domains, "domains_step": result.export_step or ts.step}
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return result

@@ -4,10 +4,13 @@ The resumed run compares its config with the checkpoint's (defaults filled in fo
 older checkpoints lack). Keys that only steer the rest of the run are *applied*:
 ``optim.lr`` / ``max_steps`` / ``schedule`` / ``warmup_steps`` re-base the scheduler
 (`edkm.train.schedule.rebase_lr`), ``optim.weight_decay`` is set on the optimizer,
-``optim.grad_clip`` / ``tau_start`` and ``run.*`` (but ``run.seed``) are read each step.
-Every other difference (the model, the data, the clustering, batch size, accumulation,
-autocast, seed, number of processes) would make the checkpoint mean something else: the
-resume is refused with one message listing every changed key.
+``optim.grad_clip`` / ``tau_start`` and ``run.*`` (but ``run.seed``) are read each step;
+``data.eval_domains`` only changes what the final report scores.
+Every other difference (the model, the data and its source, the loss and its temperature
+and weight, the clustering, batch size, accumulation, autocast, seed, number of processes)
+would make the checkpoint mean something else: the resume is refused with one message
+listing every changed key. A checkpoint written before ``optim.loss`` existed trained on
+cross-entropy, so it reads as ``optim.loss=ce`` (not today's default ``kd``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ log = logging.getLogger(__name__)
 
 APPLIED_OPTIM = ("lr", "max_steps", "schedule", "warmup_steps", "weight_decay", "grad_clip", "tau_start")
 SCHEDULE_KEYS = ("optim.lr", "optim.max_steps", "optim.schedule", "optim.warmup_steps")
+APPLIED_DATA = ("eval_domains",)
+# What a checkpoint that lacks a key ran with, where that differs from today's default.
+LEGACY = {("optim", "loss"): "ce"}
 
 
 def config_changes(meta: dict[str, Any], config: TrainConfig, world: int) -> dict[str, tuple[Any, Any]]:
@@ -34,7 +40,11 @@ def config_changes(meta: dict[str, Any], config: TrainConfig, world: int) -> dic
         ``{"section.key": (old, new)}`` of applicable changes. Raises `ConfigError`
         listing every change that cannot be applied.
     """
-    saved = _flat(TrainConfig.from_dict(meta["config"], source="checkpoint manifest").to_dict())
+    saved_tree = {k: dict(v) if isinstance(v, dict) else v for k, v in meta["config"].items()}
+    for (section, key), value in LEGACY.items():
+        if isinstance(saved_tree.get(section), dict):
+            saved_tree[section].setdefault(key, value)
+    saved = _flat(TrainConfig.from_dict(saved_tree, source="checkpoint manifest").to_dict())
     now = _flat(config.to_dict())
     changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
     refused = {k: v for k, v in changed.items() if not _applicable(k)}
@@ -53,6 +63,8 @@ def _applicable(key: str) -> bool:
         return name in APPLIED_OPTIM
     if section == "run":
         return name != "seed"
+    if section == "data":
+        return name in APPLIED_DATA
     return section == "lowrank"  # only `edkm lowrank` reads it
 
 

@@ -1,9 +1,13 @@
 """The trainer's named steps; `edkm.train.loop.train` calls them in this order.
 
     resume_point   the checkpoint to continue from, its config changes checked
+    float_side     what comes from the float model before clustering: the training windows
+                   of ``data.source``, the teacher, the evaluation domains' reference numbers
+    make_teacher   the frozen float model the ``kd`` losses distil from (None for ``ce``)
     calibrate      diagonal Fisher of some training windows (sensitivity-aware DKM)
     prepare_model  `edkm.prepare`, AdamW and the LR schedule
-    train_step     one optimizer step over ``grad_accum`` micro-batches, with its metrics
+    train_step     one optimizer step over ``grad_accum`` micro-batches (loss of
+                   ``optim.loss``: `step_loss`), with its metrics
     evaluate       held-out perplexity (hard LUT weights)
     export_model   `edkm.finalize` and the packed export
 
@@ -13,15 +17,17 @@ objects the steps share (accelerator, model, optimizer, windows).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edkm.distill import distill_loss
 from edkm.export import export_compressed
 from edkm.hub.text import TokenWindows
 from edkm.importance import fisher_importance
@@ -46,6 +52,10 @@ class Run:
         model: The (accelerate-prepared) model. opt, sched: Optimizer and LR scheduler.
         windows: Training / held-out token windows. heldout: The scored held-out windows.
         order: The data permutation. out: The run directory.
+        teacher: The frozen float model of the ``kd`` losses and the report (None when
+            the report uses stored float logits; `step_loss` ignores it for ``ce``).
+        domains: The evaluation domains with the float model's numbers
+            (`edkm.train.domains.reference_domains`).
     """
 
     config: TrainConfig
@@ -57,6 +67,8 @@ class Run:
     heldout: torch.Tensor
     order: torch.Tensor
     out: Path
+    teacher: torch.nn.Module | None = None
+    domains: list = field(default_factory=list)
 
 
 def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
@@ -75,6 +87,71 @@ def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, 
     applied = config_changes(manifest["meta"], config, world)
     log.info("resuming from %s (step %d)", ckpt, manifest["step"])
     return state, manifest, applied
+
+
+def float_side(model: torch.nn.Module, tokenizer: Any, windows: TokenWindows, heldout: torch.Tensor,
+               config: TrainConfig, device: torch.device,
+               ppl_before: float | None = None) -> tuple[TokenWindows, torch.nn.Module | None, list]:
+    """Everything taken from the float model before `edkm.prepare` clusters it.
+
+    Args:
+        model: The float model. tokenizer: Its tokenizer.
+        windows: The corpus windows. heldout: The scored held-out windows.
+        config: The run's config. device: The run's device.
+        ppl_before: The float model's held-out perplexity, when measured already.
+    Returns:
+        ``(training windows, teacher, domains)``: the windows of ``data.source``
+        (`edkm.train.sources.training_windows`), the frozen float model (`make_teacher`'s
+        for the ``kd`` losses; for ``ce`` only when the report's float logits would take
+        more memory than this copy, else None), and `edkm.train.domains.reference_domains`
+        of ``data.eval_domains`` (holding the float model's logits when no teacher is kept).
+    """
+    from edkm.train.domains import reference_domains
+    from edkm.train.sources import training_windows
+
+    teacher = make_teacher(model, config, device)
+    budget = None if teacher is not None else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    domains = reference_domains(teacher if teacher is not None else model, config, tokenizer, logit_budget=budget,
+                                heldout=heldout, heldout_ppl=ppl_before)
+    if teacher is None and domains[0].logits is None:  # a copy of the model is smaller than its logits
+        teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    return training_windows(config, model, tokenizer, windows, device), teacher, domains
+
+
+def make_teacher(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """The frozen float model the ``kd`` / ``kd+ce`` losses distil from: a copy of ``model``
+    taken before `edkm.prepare`, in eval mode, without gradients, on ``device``.
+
+    Returns:
+        The teacher, or None for ``optim.loss=ce`` (no copy is made, for memory).
+    """
+    if config.optim.loss == "ce":
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False).to(device)
+
+
+def step_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torch.Tensor,
+              config: TrainConfig) -> torch.Tensor:
+    """The training loss of one micro-batch for ``optim.loss``.
+
+    ``ce``: the model's own next-token cross-entropy (``labels=ids``). ``kd``:
+    ``distill_loss(student logits, teacher logits, optim.kd_temperature)`` over every
+    position and the full vocabulary. ``kd+ce``: ``kd + optim.ce_weight * ce``.
+
+    Args:
+        model: The student. teacher: The frozen float model (unused for ``ce``).
+        ids: (B, L) token windows. config: The run's config.
+    Returns:
+        The scalar loss.
+    """
+    o = config.optim
+    if o.loss == "ce":
+        return model(input_ids=ids, labels=ids).loss
+    out = model(input_ids=ids, labels=ids if o.loss == "kd+ce" else None)
+    with torch.no_grad():
+        target = teacher(input_ids=ids, use_cache=False).logits  # (B, L, V)
+    loss = distill_loss(out.logits, target, temperature=o.kd_temperature)
+    return loss + o.ce_weight * out.loss if o.loss == "kd+ce" else loss
 
 
 def calibrate(model: torch.nn.Module, train_windows: torch.Tensor, config: TrainConfig,
@@ -130,7 +207,7 @@ def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, 
                           acc.process_index).to(acc.device)
         ts.micro += 1
         with acc.accumulate(model):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = step_loss(model, run.teacher, ids, config)
             acc.backward(loss)
             if acc.sync_gradients:
                 norm, bad = _grad_norm(model, config)

