@@ -152,7 +152,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "no"
     tau_start: float | None = None
-    loss: str = "kd"
+    loss: str = "ce"
     kd_temperature: float = 1.0
     ce_weight: float = 1.0
 

@@ -91,11 +91,12 @@ def test_bad_loss_and_source_values_are_named(override, text):
     assert text in str(info.value) and f"override {override!r}" in str(info.value)
 
 
-def test_presets_distil_and_tiny_stays_on_ce():
+def test_presets_use_ce_and_score_two_domains():
+    # kd measured worse than ce at the presets' 8-step budget (see the preset's comment)
     root = TINY.parent
     for name in ("smollm2-135m-4bit.yaml", "smollm2-135m-3bit.yaml"):
         cfg = load_config(root / name)
-        assert cfg.optim.loss == "kd" and cfg.data.eval_domains == ("heldout", "wiki"), name
+        assert cfg.optim.loss == "ce" and cfg.data.eval_domains == ("heldout", "wiki"), name
     assert load_config(TINY).optim.loss == "ce"
 
 
