@@ -105,6 +105,10 @@ def _worker(rank, init_file, jobs):
         got = _train(Path(out), rank, resume, kill_at)
         if rank == 0:
             torch.save(got, result)
+    # Both ranks leave together: a rank that exits while its peer's gloo threads still talk to
+    # it can take the peer down at exit ("terminate called without an active exception",
+    # SIGABRT; seen once in CI under heavy load).
+    dist.barrier()
     dist.destroy_process_group()
 
 
