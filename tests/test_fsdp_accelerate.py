@@ -71,6 +71,7 @@ def _worker(rank, init_file, out_path):
             losses.append(acc.reduce(loss.detach(), reduction="mean").item())
         if rank == 0:
             torch.save({"losses": losses, "luts": _luts(model), "shards": shards}, out_path)
+        dist.barrier()  # leave together: see the note in tests/train/test_sharded.py
     finally:
         dist.destroy_process_group()
 

@@ -46,6 +46,7 @@ def _worker(rank, world, init_file, dtype, d, groups, uniquify, out_path):
         dist.all_reduce(grad)  # what DDP does (before dividing by R)
         if rank == 0:
             torch.save({"out": out.detach(), "c": c, "grad": grad}, out_path)
+        dist.barrier()  # leave together: see the note in tests/train/test_sharded.py
     finally:
         dist.destroy_process_group()
 
