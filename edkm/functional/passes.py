@@ -37,7 +37,8 @@ def _group_blocks(G: int, U: int, K: int, d: int) -> list[slice]:
     """Slices of groups whose (b, K, U, d) temporaries hold about `TABLE_BLOCK` elements.
 
     Groups are independent, so running a block at a time gives the same numbers as one
-    pass over all of them; it keeps each temporary in cache and below the allocator's
+    pass over all of them (bitwise for d = 1; for d > 1 the einsums may order their sums
+    by batch size, within the rule); it keeps each temporary in cache and below the allocator's
     mmap threshold (a fresh 100 MB temporary per op costs more in page faults than the op).
     """
     step = max(1, TABLE_BLOCK // max(1, U * K * d))
