@@ -280,6 +280,20 @@ def _sum_backward(w, c0, eps, backend):
     return c, x.grad
 
 
+def test_dkm_triton_rebuild_and_cast_change_no_bit():
+    """The Triton ops in rebuild mode with an fp32 weight cast to bf16 inside `dkm`: the same
+    bits as casting outside and holding the table."""
+    w, g = _weights(3, 700, torch.bfloat16)
+    c0 = kmeans_init(w, 8, iters=5)
+    w32 = w.float()
+    outside = _run(w32.to(torch.bfloat16), g, c0, backend="triton")
+    x = w32.clone().requires_grad_(True)
+    out, c = dkm(x, c0, tau=TAU, max_iters=3, backend="triton", cast=torch.bfloat16, rebuild=True)
+    out.backward(g)
+    assert torch.equal(out.detach(), outside["out"]) and torch.equal(c, outside["centroids"])
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, outside["grad"].float())
+
+
 @pytest.mark.parametrize("eps", [1e9, 0.0])  # 1e9: stop after the first iteration
 def test_dkm_triton_stops_early_like_torch_and_takes_expanded_grads(eps):
     w, _ = _weights(1, 1000, torch.bfloat16)
