@@ -98,8 +98,10 @@ def test_presets_use_ce_and_score_two_domains():
         cfg = load_config(root / name)
         assert cfg.optim.loss == "ce" and cfg.data.eval_domains == ("heldout", "wiki"), name
     assert load_config(TINY).optim.loss == "ce"
-    quality = load_config(root / "smollm2-135m-4bit-quality.yaml")
-    assert (quality.optim.loss, quality.data.source, quality.optim.max_steps) == ("kd", "mix", 48)
+    for bits in (4, 3):
+        quality = load_config(root / f"smollm2-135m-{bits}bit-quality.yaml")
+        assert (quality.optim.loss, quality.data.source, quality.optim.max_steps, quality.dkm.bits) == \
+            ("kd", "mix", 48, bits)
 
 
 def test_resume_refuses_a_changed_loss_temperature_or_source(tmp_path):
