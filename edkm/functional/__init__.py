@@ -114,7 +114,7 @@ def dkm(
             out, new_c = dkm_naive(p, c, float(tau), int(max_iters), float(eps), None, imp)
     elif shard and sharding_active():
         out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
-    elif resolve_backend(backend, p if cast is None else p[:, :1].to(cast), uniquify) == "triton":
+    elif resolve_backend(backend, p, uniquify, dtype=cast) == "triton":
         ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
         out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops, cast=cast, rebuild=rebuild)
     elif uniquify:
@@ -124,8 +124,9 @@ def dkm(
     return (out, new_c) if grouped else (out[0], new_c[0])
 
 
-def resolve_backend(backend: str, points: Tensor, uniquify: bool = True) -> str:
-    """``"torch"`` or ``"triton"``: who runs DKM on ``points`` (G, N, d).
+def resolve_backend(backend: str, points: Tensor, uniquify: bool = True, dtype: torch.dtype | None = None) -> str:
+    """``"torch"`` or ``"triton"``: who runs DKM on ``points`` (G, N, d), clustered in
+    ``dtype`` (None: their own dtype; `dkm`'s ``cast``).
 
     ``"auto"`` picks Triton for the table path on bf16 / fp16 CUDA points with d = 1 when
     triton is installed, torch otherwise. An explicit ``"triton"`` never falls back: it
@@ -137,14 +138,14 @@ def resolve_backend(backend: str, points: Tensor, uniquify: bool = True) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    covered = uniquify and uses_bit_patterns(points)
+    covered = uniquify and uses_bit_patterns(points, dtype)
     if backend == "auto":
         return "triton" if covered and points.is_cuda and _triton_installed() else "torch"
     if not uniquify:
         raise ValueError("backend='triton' runs the uniquified table path; uniquify=False is the torch reference")
     if not covered:
         raise ValueError(
-            f"backend='triton' covers bf16/fp16 points with cluster_dim 1, got {points.dtype} with "
+            f"backend='triton' covers bf16/fp16 points with cluster_dim 1, got {dtype or points.dtype} with "
             f"cluster_dim {points.shape[-1]}; use backend='torch' or 'auto' (or cluster_dtype='bfloat16')"
         )
     if not _triton_installed():

@@ -53,6 +53,11 @@ def _assign(vt: Tensor, c: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     return torch.softmax(dist / -tau, dim=1), diff
 
 
+def _soft_values(a: Tensor, c: Tensor) -> Tensor:
+    """``h = sum_k a_k c_k``: (b, U, d) soft values of rows from their (b, K, U) map and (b, K, d) centroids."""
+    return (a.unsqueeze(-1) * c.unsqueeze(2)).sum(1)
+
+
 def _keeps_maps(G: int, U: int, K: int, d: int = 1) -> bool:
     """Whether one pass's (G, K, U) maps (and (G, K, U, d) differences) are kept for the
     next pass that needs the same map (the last iteration's map is the final map) instead
@@ -86,10 +91,11 @@ def _iterate(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int,
     c_hist, den_hist = torch.stack(hist, 1), torch.stack(dens, 1)
     if not rows:
         return c_hist, den_hist, None
+    if not keep:
+        return c_hist, den_hist, table_rows(values, c_hist[:, -2], c_hist[:, -1], tau)
     out = torch.empty_like(values)
-    for i, b in enumerate(blocks):
-        a = maps[i] if keep else _assign(values[b].unsqueeze(1), c_hist[b, -2], tau)[0]
-        out[b] = (a.unsqueeze(-1) * c_hist[b, -1].unsqueeze(2)).sum(1)
+    for a, b in zip(maps, blocks):
+        out[b] = _soft_values(a, c_hist[b, -1])
     return c_hist, den_hist, out
 
 
@@ -121,8 +127,7 @@ def table_rows(values: Tensor, c_prev: Tensor, c_last: Tensor, tau: float) -> Te
     G, U, d = values.shape
     out = torch.empty_like(values)
     for b in _group_blocks(G, U, c_prev.shape[1], d):
-        a, _ = _assign(values[b].unsqueeze(1), c_prev[b], tau)
-        out[b] = (a.unsqueeze(-1) * c_last[b].unsqueeze(2)).sum(1)
+        out[b] = _soft_values(_assign(values[b].unsqueeze(1), c_prev[b], tau)[0], c_last[b])
     return out
 
 

@@ -95,14 +95,15 @@ class PatternIndex:
     rows: Tensor
 
 
-def uses_bit_patterns(points: Tensor) -> bool:
-    """Whether ``points`` (G, N, d) are keyed by their 16-bit pattern (no index list)."""
-    return points.dtype in BIT_PATTERN_DTYPES and points.shape[-1] == 1
+def uses_bit_patterns(points: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``points`` (G, N, d), cast to ``dtype`` (None: as they are), are keyed by
+    their 16-bit pattern (no index list)."""
+    return (points.dtype if dtype is None else dtype) in BIT_PATTERN_DTYPES and points.shape[-1] == 1
 
 
-def _pattern(x: Tensor) -> Tensor:
-    """16-bit patterns of a bf16/fp16 tensor as int64 in [0, 65535]."""
-    return x.view(torch.int16).to(torch.int64) & 0xFFFF
+def _pattern(x: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """16-bit patterns of a bf16/fp16 tensor as ``dtype`` (int64 or int32) in [0, 65535]."""
+    return x.view(torch.int16).to(dtype) & 0xFFFF
 
 
 def _take(table: Tensor, idx: Tensor) -> Tensor:
@@ -301,7 +302,7 @@ def _chunks(points: Tensor, index: PatternIndex | Tensor, n_rows: int) -> Iterat
     for s in range(0, N, step):
         sl = slice(s, min(s + step, N))
         if by_pattern:
-            p = points[:, sl, 0].view(torch.int16).to(torch.int32) & 0xFFFF
+            p = _pattern(points[:, sl, 0], torch.int32)
             rows = _take(flat_rows, _take(col, p) + coff)
         else:
             rows = index[:, sl]
