@@ -2,6 +2,9 @@
 
 TRITON_INTERPRET must be set before triton is first imported (kernels are built for the
 interpreter at import), so it is set here, before any test module is collected.
+PYTHONFAULTHANDLER is set for the processes tests spawn (the gloo ranks): a rank that dies
+of a signal (SIGABRT, SIGSEGV) then prints the Python stack of every thread to stderr,
+which pytest shows with the failure (pytest's own faulthandler covers this process only).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(autouse=True)
