@@ -163,7 +163,9 @@ def _train(args: argparse.Namespace) -> int:
         bar.write(f"step {row['step']:>5} loss {row['loss']:.4f} lr {row['lr']:.2e} tau {row['tau']:.1e} "
                   f"{row['step_s']:.2f}s/step {row['tokens_per_s']:.0f} tok/s "
                   f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB drift {row['centroid_drift']:.2e}"
-                  + (f" held-out ppl {row['heldout_ppl']:.3f}" if "heldout_ppl" in row else ""))
+                  + (f" held-out ppl {row['heldout_ppl']:.3f}" if "heldout_ppl" in row else "")
+                  + "".join(f" | {name} x{d['ppl_ratio']:.3f} KL {d['kl']:.3f} top-1 {d['top1_agreement']:.3f}"
+                            for name, d in row.get("domains", {}).items()))
 
     try:
         result = train(config, resume=args.resume, on_step=on_step, stop_after=args.stop_after)

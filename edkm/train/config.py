@@ -192,6 +192,11 @@ class RunConfig:
         eval_every: Score held-out perplexity every this many steps (0 = only when a
             checkpoint is written; every checkpoint is scored). A new best score at an
             evaluation step writes a checkpoint, so the best model is always on disk.
+        domains_every: Score every domain of ``data.eval_domains`` against the float model
+            (perplexity ratio, KL, top-1 agreement) every this many steps, into that step's
+            ``metrics.jsonl`` row under ``domains``: the fidelity curve over training
+            tokens (0 = only the final report in ``summary.json``). Steered only; the
+            checkpoint choice stays on the held-out perplexity.
         on_divergence: ``stop`` (raise, naming the step and the first bad layer) or
             ``rollback`` (reload the last good checkpoint, halve the lr, continue).
         loss_spike: A step whose loss exceeds this factor times the mean of the last 10
@@ -209,6 +214,7 @@ class RunConfig:
     seed: int = 0
     export: bool = True
     eval_every: int = 0
+    domains_every: int = 0
     on_divergence: str = "stop"
     loss_spike: float = 10.0
     max_weight_abs: float = 65504.0
@@ -220,6 +226,7 @@ class RunConfig:
         _positive("run.keep_checkpoints", self.keep_checkpoints)
         _positive("run.seed", self.seed, minimum=0)
         _positive("run.eval_every", self.eval_every, minimum=0)
+        _positive("run.domains_every", self.domains_every, minimum=0)
         _positive("run.max_rollbacks", self.max_rollbacks, minimum=0)
         if self.on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"run.on_divergence must be one of {ON_DIVERGENCE}, got {self.on_divergence!r}")

@@ -175,7 +175,9 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         if _any_process(acc, reason is not None):
             ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
             continue
-        if ts.step % config.run.log_every == 0 or ts.step == config.optim.max_steps:
+        if config.run.domains_every and ts.step % config.run.domains_every == 0 and acc.is_main_process:
+            row["domains"] = _curve_point(run)
+        if ts.step % config.run.log_every == 0 or ts.step == config.optim.max_steps or "domains" in row:
             metrics.append(row)
             if acc.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
@@ -190,6 +192,15 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         if last:
             break
     return ts, metrics, score
+
+
+def _curve_point(run: Run) -> dict[str, dict[str, float]]:
+    """``{domain: {ppl_ratio, kl, top1_agreement}}`` of the current weights (the fidelity
+    curve of ``run.domains_every``), on the windows and float numbers of the final report."""
+    with run.acc.autocast():
+        report = domain_report(run.acc.unwrap_model(run.model), run.teacher, run.domains)
+    keys = ("ppl_ratio", "kl", "top1_agreement")
+    return {name: {k: r["after"][k] for k in keys} for name, r in report.items()}
 
 
 def _finish(run: Run, ts: TrainState, ppl_before: float, score: float, metrics: list) -> TrainResult:

@@ -42,6 +42,24 @@ def test_the_run_reports_both_domains_with_all_four_metrics(tmp_path, loss):
     assert "wiki" in summary["domains"]["wiki"]["source"] and "CC BY-SA 4.0" in summary["domains"]["wiki"]["source"]
 
 
+def test_domains_every_writes_the_fidelity_curve_without_changing_the_run(tmp_path):
+    base = [*FAST, "optim.max_steps=3", "run.export=false", "run.log_every=2"]
+    plain = train(load_config(TINY, [f"run.output_dir={tmp_path / 'plain'}", *base]))
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'curve'}", *base, "run.domains_every=1"])
+    curved = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rows with a curve point are kept whatever log_every says
+    assert [r["loss"] for r in rows if r["step"] == 2] == [m["loss"] for m in plain.metrics if m["step"] == 2]
+    for r in rows:
+        assert list(r["domains"]) == ["heldout", "wiki"], r
+        assert all(set(d) == {"ppl_ratio", "kl", "top1_agreement"} for d in r["domains"].values())
+    assert rows[0]["domains"] != rows[-1]["domains"]  # the weights moved between the points
+    final = curved.domains  # the last point is the final report of the same (last) weights
+    assert rows[-1]["domains"] == {n: {k: final[n]["after"][k] for k in ("ppl_ratio", "kl", "top1_agreement")}
+                                   for n in final}
+    assert curved.ppl_after == plain.ppl_after
+
+
 def test_stored_float_logits_score_like_the_float_model_itself(tmp_path):
     cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *FAST])
     model, tok, windows = load_inputs(cfg)
