@@ -8,8 +8,10 @@ CUDA offload path.
 sharded by `edkm.distributed.fully_shard_dkm` over a world of one rank (NCCL on CUDA,
 gloo on CPU), trains ``--steps`` AdamW steps next to an unsharded copy on the same device
 and batches; the losses and final LUTs must agree within one bf16 ulp (2**-8 relative,
-the rule of tests/test_fsdp.py). ``offload``: one ``--size`` x ``--size`` bf16 weight through
-naive DKM (its (N, K) maps make real traffic) with and without
+the rule of tests/test_fsdp.py); then the sharded model is saved as a sharded checkpoint
+(`edkm.train.sharded`, DCP) and loaded into a fresh sharded copy: the gathered states must be
+equal and one more step from each give the same loss (within the rule). ``offload``: one
+``--size`` x ``--size`` bf16 weight through naive DKM (its (N, K) maps make real traffic) with and without
 `edkm.offload_saved_tensors` (pinned, non-blocking on CUDA; ``copy_same_device`` on CPU so
 the copy path runs there too): bytes moved each way, pinned bytes, seconds of each
 forward+backward, the gradients bitwise equal. Each prints one JSON line (and writes it to
@@ -53,23 +55,21 @@ def fsdp_check(device: torch.device, hidden: int, steps: int) -> dict:
                 m = edkm.prepare(tiny_llama(hidden=hidden, heads=8, kv_heads=4, seed=0).to(device).train(), cfg)
                 models.append(fully_shard_dkm(m) if shard else m)
             gen = torch.Generator().manual_seed(1)
-            batches = [torch.randint(0, 256, (2, 64), generator=gen).to(device) for _ in range(steps)]
-            losses, seconds = [], []
+            batches = [torch.randint(0, 256, (2, 64), generator=gen).to(device) for _ in range(steps + 1)]
+            losses, seconds, opts = [], [], []
             for m in models:
-                opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-                run = []
+                opts.append(_adamw(m))
                 _sync(device)
                 t0 = time.perf_counter()
-                for ids in batches:
-                    loss = m(input_ids=ids, labels=ids).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                    run.append(loss.item())
+                run = [_step(m, opts[-1], ids) for ids in batches[:steps]]
                 _sync(device)
                 seconds.append((time.perf_counter() - t0) / steps)
                 losses.append(run)
-            luts = [{n: p.centroids for n, _, p in edkm.clustered_layers(m)} for m in models]
+            luts = [{n: p.centroids.clone() for n, _, p in edkm.clustered_layers(m)} for m in models]
+            ckpt = _checkpoint_round_trip(Path(tmp) / "run", models[1], opts[1], steps, batches[steps],
+                                          lambda: fully_shard_dkm(edkm.prepare(
+                                              tiny_llama(hidden=hidden, heads=8, kv_heads=4, seed=0).to(device).train(),
+                                              cfg)))
         finally:
             dist.destroy_process_group()
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses[1], losses[0]))
@@ -78,7 +78,45 @@ def fsdp_check(device: torch.device, hidden: int, steps: int) -> dict:
     return {"check": "fsdp", "backend": backend, "device": str(device), "hidden": hidden, "steps": steps,
             "losses_plain": losses[0], "losses_fsdp": losses[1], "max_loss_rel_err": loss_err,
             "max_lut_rel_err": lut_err, "tolerance": tol, "step_s_plain": seconds[0], "step_s_fsdp": seconds[1],
-            "ok": loss_err <= tol and lut_err <= tol}
+            **ckpt, "ok": loss_err <= tol and lut_err <= tol and ckpt["ckpt_state_equal"]
+            and ckpt["ckpt_next_loss_rel_err"] <= tol}
+
+
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def _checkpoint_round_trip(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
+                           ids: torch.Tensor, build) -> dict:
+    """Save ``model`` / ``opt`` as a sharded checkpoint, load it into a fresh ``build()``:
+    the gathered states must be equal and one more step from each give the same loss
+    (within the rule: the Triton segment sums use atomics on CUDA)."""
+    from edkm.train.sharded import gather_full_state, load_sharded_checkpoint, save_sharded_checkpoint
+
+    _sync(ids.device)
+    t0 = time.perf_counter()
+    path = save_sharded_checkpoint(out, step, model, opt, {"step": step}, {"check": "bench.gpu_checks fsdp"})
+    _sync(ids.device)
+    save_s = time.perf_counter() - t0
+    fresh = build()
+    fresh_opt = _adamw(fresh)
+    t0 = time.perf_counter()
+    extra, _ = load_sharded_checkpoint(path, fresh, fresh_opt)
+    _sync(ids.device)
+    load_s = time.perf_counter() - t0
+    a, b = gather_full_state(model), gather_full_state(fresh)
+    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and extra == {"step": step}
+    want, got = _step(model, opt, ids), _step(fresh, fresh_opt, ids)
+    return {"ckpt_state_equal": equal, "ckpt_next_loss": [want, got], "ckpt_next_loss_rel_err": abs(got - want) / abs(want),
+            "ckpt_save_s": save_s, "ckpt_load_s": load_s}
 
 
 def offload_check(device: torch.device, size: int) -> dict:
