@@ -7,6 +7,8 @@ asks for FSDP2:
                      (fsdp_version=2)`` (plain accelerate otherwise)
     shard_ready      `edkm.distributed.prepare_for_fsdp` and the auto-wrap unit (the class
                      of the model's decoder layers), just before ``accelerator.prepare``
+    shard_teacher    FSDP2 on the frozen float model too (``kd`` losses, domain report), so
+                     no rank holds a whole float copy
     save / load      the run's state as an `edkm.train.sharded` checkpoint, every rank taking
                      part: model and AdamW shards through DCP, each rank's scheduler, guard,
                      counters and RNG states in its own file
@@ -18,6 +20,8 @@ asks for FSDP2:
 DKM runs on the all-gathered weight on every rank (`edkm.distributed`), so every forward
 pass is collective: evaluation, the domain report and the ``run.domains_every`` curve run
 on every rank over the same windows (identical results); only rank 0 writes them.
+``optim.mixed_precision`` bf16 / fp16 becomes accelerate's FSDP2 mixed-precision policy
+(parameters all-gathered, hence clustered, in that dtype); CPU tests cover ``no`` only.
 
 Launch: FSDP2 needs a process group, so ``optim.fsdp=true`` needs ``torchrun`` or
 ``accelerate launch``; one process (``--nproc-per-node 1``) is allowed (FSDP2 over one
@@ -63,8 +67,9 @@ def accelerator(config: TrainConfig) -> Any:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if not (dist.is_available() and dist.is_initialized()) and "MASTER_ADDR" in os.environ:
-        dist.init_process_group("nccl" if not cpu else "gloo")  # torchrun with one process: accelerate skips it
+    launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))  # torchrun's env
+    if launched and not (dist.is_available() and dist.is_initialized()):
+        dist.init_process_group("nccl" if not cpu else "gloo")  # one process: accelerate makes no group
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("optim.fsdp=true needs torch.distributed (FSDP2 shards over a process group), and this "
                           f"process has none (WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}): launch with "
@@ -98,6 +103,26 @@ def shard_ready(acc: Any, model: torch.nn.Module) -> None:
                          "layers to shard one by one (check dkm.min_weight_numel)")
     prepare_for_fsdp(model)
     acc.state.fsdp_plugin.transformer_cls_names_to_wrap = [type(layers[0]).__name__]
+
+
+def shard_teacher(teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+    """Shard the frozen float model with FSDP2 (each decoder layer, then the root), in place.
+
+    Its forward passes (the ``kd`` targets, the domain report) then run on every rank in
+    the same order as the student's, and its weights take 1/R of the memory per rank.
+
+    Returns:
+        The same teacher (None stays None).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if teacher is None:
+        return None
+    layers = next((m for m in teacher.modules() if isinstance(m, torch.nn.ModuleList)), [])
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(teacher)
+    return teacher
 
 
 def save(out: Path, model: torch.nn.Module, opt: Any, sched: Any, ts: TrainState, guard: DivergenceGuard,

@@ -137,6 +137,7 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         ts = restore(saved, model, opt, sched, guard)
     if config.optim.fsdp:
         fsdp.shard_ready(acc, model)
+        teacher = fsdp.shard_teacher(teacher)
     model, opt = acc.prepare(model, opt)
     if resume and config.optim.fsdp:  # sharded: restored into the sharded model, every rank
         ts = fsdp.load(latest_checkpoint(out), model, opt, sched, guard)
