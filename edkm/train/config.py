@@ -143,8 +143,8 @@ class OptimConfig:
         fsdp: Shard weights, gradients and AdamW state over the processes with FSDP2
             (accelerate's plugin, one unit per decoder layer; `edkm.train.fsdp`); DKM runs
             on the all-gathered weight. Needs a launcher (torchrun / accelerate launch;
-            one process is allowed), ``dkm.shard=false`` and ``run.on_divergence=stop``;
-            checkpoints are sharded; fixed for a run (``--resume`` refuses a change).
+            one process is allowed) and ``dkm.shard=false``; checkpoints are sharded;
+            fixed for a run (``--resume`` refuses a change).
     """
 
     lr: float = 5e-5
@@ -254,15 +254,9 @@ class TrainConfig:
     lowrank: LowRankConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.optim.fsdp:
-            return
-        if self.dkm.shard:
+        if self.optim.fsdp and self.dkm.shard:
             raise ConfigError("optim.fsdp=true with dkm.shard=true: FSDP2 already shards the weight and DKM runs on "
                               "its all-gathered copy; set dkm.shard=false (or optim.fsdp=false for eDKM sharding)")
-        if self.run.on_divergence != "stop":
-            raise ConfigError(f"optim.fsdp=true with run.on_divergence={self.run.on_divergence!r}: rollback is not "
-                              "supported under FSDP2; use run.on_divergence=stop and --resume from the last good "
-                              "checkpoint with a lower optim.lr")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""

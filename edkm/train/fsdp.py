@@ -141,11 +141,17 @@ def load(ckpt: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: Diverg
     """Restore a `save` checkpoint into the sharded model, optimizer, scheduler, guard and
     this rank's RNGs (collective).
 
+    A checkpoint written before the first optimizer step holds no AdamW state (see
+    `edkm.train.sharded`): the optimizer's state is then cleared, as a fresh one (a rollback
+    to the start of the run).
+
     Returns:
         The restored counters. Raises `CheckpointError` (every rank) for a corrupt checkpoint
         or another world size.
     """
-    extra, _ = load_sharded_checkpoint(ckpt, model, _torch_optimizer(opt))
+    extra, manifest = load_sharded_checkpoint(ckpt, model, _torch_optimizer(opt))
+    if not manifest.get("optimizer_state", True):
+        _torch_optimizer(opt).state.clear()
     sched.load_state_dict(extra["scheduler"])
     guard.load_state_dict(extra["guard"])
     set_rng(extra["rng"])

@@ -152,10 +152,12 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         _keep_metrics(out / "metrics.jsonl", ts.step if resume else 0)
         if not resume:
             reset_best(out)
-        if config.run.on_divergence == "rollback" and not resume:  # a good state to roll back to
+        if config.run.on_divergence == "rollback" and not resume and not config.optim.fsdp:  # a good state
             save_checkpoint(out, 0, snapshot(acc.unwrap_model(model), opt, sched, ts, guard), meta,
                             keep=config.run.keep_checkpoints)
     acc.wait_for_everyone()  # the other ranks read 'best' next
+    if config.run.on_divergence == "rollback" and not resume and config.optim.fsdp:  # every rank, sharded
+        fsdp.save(out, model, opt, sched, ts, guard, meta, config.run.keep_checkpoints, None)
     return run, ts, guard, meta
 
 
@@ -264,9 +266,12 @@ def _rollback(run: Run, ts: TrainState, guard: DivergenceGuard, reason: str) -> 
         else:
             message += "; lower optim.lr, or set run.on_divergence=rollback"
         raise DivergenceError(message)
-    saved, _ = load_checkpoint(ckpt)
     rollbacks = ts.rollbacks + 1
-    ts = restore(saved, acc.unwrap_model(run.model), run.opt, run.sched, guard)
+    if config.optim.fsdp:  # every rank restores its shards
+        ts = fsdp.load(ckpt, run.model, run.opt, run.sched, guard)
+    else:
+        saved, _ = load_checkpoint(ckpt)
+        ts = restore(saved, acc.unwrap_model(run.model), run.opt, run.sched, guard)
     ts.rollbacks, ts.lr_scale = rollbacks, 0.5**rollbacks
     lr = rebase_lr(run.opt, run.sched, config, ts.lr_scale)
     log.warning("%s: rolled back to step %d with lr x%g (now %.3e), rollback %d of %d", message, ts.step,
