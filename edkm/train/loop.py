@@ -8,8 +8,10 @@ the per-domain report (`edkm.train.domains`, in ``summary.json``), finalize and 
 export. Multi-GPU runs go through accelerate (``accelerate launch -m edkm train ...``);
 accelerate owns devices, DDP and autocast, and this module never spawns processes.
 With ``optim.fsdp=true`` (launched by torchrun / accelerate launch) the model, gradients and
-AdamW state are sharded with FSDP2 (`edkm.train.fsdp`): checkpoints are sharded (every rank
-writes its shards), evaluation runs on every rank, the export is gathered to rank 0.
+AdamW state, and the frozen teacher, are sharded with FSDP2 (`edkm.train.fsdp`): checkpoints
+are sharded (every rank writes its shards; resume and rollback reload them on every rank),
+evaluation and the domain report run on every rank (rank 0 writes), the export is gathered
+to rank 0.
 
 Data order is a seeded permutation of the training windows, so the data position of a
 checkpoint is just the number of micro-batches consumed: ``--resume`` continues with the
