@@ -306,7 +306,8 @@ class TrainConfig:
         try:
             return cls(**built)
         except ConfigError as err:  # a rule across sections (__post_init__)
-            raise ConfigError(f"{', '.join([source, *sorted(set((origins or {}).values()))])}: {err}") from None
+            named = sorted({w for k, w in (origins or {}).items() if k in str(err)})  # the overrides it names
+            raise ConfigError(f"{', '.join([source, *named])}: {err}") from None
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "dkm": DKMConfig, "optim": OptimConfig, "run": RunConfig,

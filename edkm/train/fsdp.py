@@ -82,6 +82,8 @@ def accelerator(config: TrainConfig) -> Any:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin
+        if o.mixed_precision != "no":  # what accelerate does when it sets FSDP itself
+            plugin.set_mixed_precision(o.mixed_precision)
     if not acc.is_fsdp2:
         raise RuntimeError(f"accelerate did not set up FSDP2 (distributed type {acc.distributed_type})")
     return acc
