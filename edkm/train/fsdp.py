@@ -68,13 +68,13 @@ def accelerator(config: TrainConfig) -> Any:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     launched = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))  # torchrun's env
-    if launched and not (dist.is_available() and dist.is_initialized()):
-        dist.init_process_group("nccl" if not cpu else "gloo")  # one process: accelerate makes no group
-    if not (dist.is_available() and dist.is_initialized()):
+    if not launched and not _group():
         raise ConfigError("optim.fsdp=true needs torch.distributed (FSDP2 shards over a process group), and this "
                           f"process has none (WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}): launch with "
                           "`torchrun --nproc-per-node N -m edkm train ...` or `accelerate launch` (N=1 is fine), "
                           "or set optim.fsdp=false")
+    if cpu and not _group():  # accelerate makes a gloo group only for WORLD_SIZE > 1 (NCCL: always)
+        dist.init_process_group("gloo")
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
     acc = Accelerator(gradient_accumulation_steps=o.grad_accum, mixed_precision=o.mixed_precision, cpu=cpu,
                       fsdp_plugin=plugin)
@@ -84,8 +84,9 @@ def accelerator(config: TrainConfig) -> Any:
         acc.state.fsdp_plugin = plugin
         if o.mixed_precision != "no":  # what accelerate does when it sets FSDP itself
             plugin.set_mixed_precision(o.mixed_precision)
-    if not acc.is_fsdp2:
-        raise RuntimeError(f"accelerate did not set up FSDP2 (distributed type {acc.distributed_type})")
+    if not (acc.is_fsdp2 and _group()):
+        raise RuntimeError(f"accelerate did not set up FSDP2 (distributed type {acc.distributed_type}, process group "
+                           f"{'present' if _group() else 'missing'})")
     return acc
 
 
@@ -197,6 +198,10 @@ def from_rank0(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _group() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
