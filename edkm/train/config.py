@@ -140,6 +140,11 @@ class OptimConfig:
             training text; ``kd+ce``: ``kd + ce_weight * ce``.
         kd_temperature: Softmax temperature T of ``kd`` (the KL is scaled by T**2).
         ce_weight: Weight of the cross-entropy term of ``kd+ce``.
+        fsdp: Shard weights, gradients and AdamW state over the processes with FSDP2
+            (accelerate's plugin, one unit per decoder layer; `edkm.train.fsdp`); DKM runs
+            on the all-gathered weight. Needs a launcher (torchrun / accelerate launch;
+            one process is allowed) and ``dkm.shard=false``; checkpoints are sharded;
+            fixed for a run (``--resume`` refuses a change).
     """
 
     lr: float = 5e-5
@@ -155,6 +160,7 @@ class OptimConfig:
     loss: str = "ce"
     kd_temperature: float = 1.0
     ce_weight: float = 1.0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -247,6 +253,11 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     lowrank: LowRankConfig | None = None
 
+    def __post_init__(self) -> None:
+        if self.optim.fsdp and self.dkm.shard:
+            raise ConfigError("optim.fsdp=true with dkm.shard=true: FSDP2 already shards the weight and DKM runs on "
+                              "its all-gathered copy; set dkm.shard=false (or optim.fsdp=false for eDKM sharding)")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""
         out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
@@ -292,7 +303,11 @@ class TrainConfig:
             except ValueError as err:
                 from_override = sorted({w for w in where.values() if w != source})
                 raise ConfigError(f"{', '.join([source, *from_override])}: {err}") from err
-        return cls(**built)
+        try:
+            return cls(**built)
+        except ConfigError as err:  # a rule across sections (__post_init__)
+            named = sorted({w for k, w in (origins or {}).items() if k in str(err)})  # the overrides it names
+            raise ConfigError(f"{', '.join([source, *named])}: {err}") from None
 
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "dkm": DKMConfig, "optim": OptimConfig, "run": RunConfig,

@@ -115,7 +115,7 @@ def first_bad_tensor(model: nn.Module, max_abs: float) -> str | None:
     named += [(f"{n} (DKM centroids)", p.centroids) for n, _, p in clustered_layers(model)]
     if not named:
         return None
-    peaks = torch.stack([torch.linalg.vector_norm(t, float("inf")).float().cpu() for _, t in named]).tolist()
+    peaks = torch.stack([_full(torch.linalg.vector_norm(t, float("inf"))).float().cpu() for _, t in named]).tolist()
     n_params = len(named) - sum(1 for _ in clustered_layers(model))
     for i, ((name, _), peak) in enumerate(zip(named, peaks)):
         if not math.isfinite(peak):
@@ -123,6 +123,11 @@ def first_bad_tensor(model: nn.Module, max_abs: float) -> str | None:
         if i < n_params and max_abs and peak > max_abs:
             return f"{name} has max |value| {peak:.4g} > run.max_weight_abs={max_abs:g}"
     return None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: an FSDP2 shard's norm (a DTensor) reduced over the ranks (collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def first_bad_grad(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:

@@ -7,6 +7,11 @@ steps, held-out evaluation, crash-safe checkpoints, perplexity after (hard LUT w
 the per-domain report (`edkm.train.domains`, in ``summary.json``), finalize and the packed
 export. Multi-GPU runs go through accelerate (``accelerate launch -m edkm train ...``);
 accelerate owns devices, DDP and autocast, and this module never spawns processes.
+With ``optim.fsdp=true`` (launched by torchrun / accelerate launch) the model, gradients and
+AdamW state, and the frozen teacher, are sharded with FSDP2 (`edkm.train.fsdp`): checkpoints
+are sharded (every rank writes its shards; resume and rollback reload them on every rank),
+evaluation and the domain report run on every rank (rank 0 writes), the export is gathered
+to rank 0.
 
 Data order is a seeded permutation of the training windows, so the data position of a
 checkpoint is just the number of micro-batches consumed: ``--resume`` continues with the
@@ -35,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from edkm.train import fsdp
 from edkm.train.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
@@ -92,14 +98,9 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
         A `TrainResult`. Raises `DivergenceError` when training diverges (and cannot
         roll back), `RunLockedError` when another run uses the output directory.
     """
-    from accelerate import Accelerator
-
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # cpu=True on machines without CUDA: accelerate then sets up multi-CPU (gloo) runs
-    # from torchrun / accelerate launch; without it, each CPU rank trains alone.
-    acc = Accelerator(gradient_accumulation_steps=config.optim.grad_accum, mixed_precision=config.optim.mixed_precision,
-                      cpu=not torch.cuda.is_available())
+    acc = fsdp.accelerator(config)
     with RunLock(out) if acc.is_main_process else contextlib.nullcontext():
         if acc.is_main_process:
             remove_stale_tmp(out)
@@ -136,8 +137,14 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
     ts = TrainState()
     if saved is not None:
         ts = restore(saved, model, opt, sched, guard)
-        _apply_changes(applied, opt, sched, config, ts)
+    if config.optim.fsdp:
+        fsdp.shard_ready(acc, model)
+        teacher = fsdp.shard_teacher(teacher)
     model, opt = acc.prepare(model, opt)
+    if resume and config.optim.fsdp:  # sharded: restored into the sharded model, every rank
+        ts = fsdp.load(latest_checkpoint(out), model, opt, sched, guard)
+    if resume:
+        _apply_changes(applied, opt, sched, config, ts)
     order = data_order(windows.train.shape[0], config.run.seed)
     run = Run(config, acc, model, opt, sched, windows, heldout, order, out, teacher, domains)
     history = (manifest or {}).get("meta", {}).get("resumed", []) + (
@@ -147,9 +154,12 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         _keep_metrics(out / "metrics.jsonl", ts.step if resume else 0)
         if not resume:
             reset_best(out)
-        if config.run.on_divergence == "rollback" and not resume:  # a good state to roll back to
+        if config.run.on_divergence == "rollback" and not resume and not config.optim.fsdp:  # a good state
             save_checkpoint(out, 0, snapshot(acc.unwrap_model(model), opt, sched, ts, guard), meta,
                             keep=config.run.keep_checkpoints)
+    acc.wait_for_everyone()  # the other ranks read 'best' next
+    if config.run.on_divergence == "rollback" and not resume and config.optim.fsdp:  # every rank, sharded
+        fsdp.save(out, model, opt, sched, ts, guard, meta, config.run.keep_checkpoints, None)
     return run, ts, guard, meta
 
 
@@ -170,12 +180,13 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         score = math.nan
         reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
-            score = row["heldout_ppl"] = evaluate(acc.unwrap_model(run.model), run.heldout, acc)
+            score = evaluate(acc.unwrap_model(run.model), run.heldout, acc)
+            score = row["heldout_ppl"] = fsdp.from_rank0(score) if config.optim.fsdp else score
             reason = guard.check_heldout(score)
         if _any_process(acc, reason is not None):
             ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
             continue
-        if config.run.domains_every and ts.step % config.run.domains_every == 0 and acc.is_main_process:
+        if config.run.domains_every and ts.step % config.run.domains_every == 0 and _scores_here(run):
             row["domains"] = _curve_point(run)
         if ts.step % config.run.log_every == 0 or ts.step == config.optim.max_steps or "domains" in row:
             metrics.append(row)
@@ -184,9 +195,12 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
                     f.write(json.dumps(row) + "\n")
             if on_step:
                 on_step(row)
-        if acc.is_main_process and (save or score < best):  # a new best at an eval step is kept too
+        kept = None if math.isnan(score) else score
+        if config.optim.fsdp and (save or score < best):  # every rank writes its shards
+            fsdp.save(out, run.model, run.opt, run.sched, ts, guard, meta, config.run.keep_checkpoints, kept)
+        elif acc.is_main_process and (save or score < best):  # a new best at an eval step is kept too
             save_checkpoint(out, ts.step, snapshot(acc.unwrap_model(run.model), run.opt, run.sched, ts, guard), meta,
-                            keep=config.run.keep_checkpoints, score=None if math.isnan(score) else score)
+                            keep=config.run.keep_checkpoints, score=kept)
         best = min(best, score) if not math.isnan(score) else best
         acc.wait_for_everyone()
         if last:
@@ -210,12 +224,15 @@ def _finish(run: Run, ts: TrainState, ppl_before: float, score: float, metrics: 
     ppl_after = score if not math.isnan(score) else evaluate(model, run.heldout, acc)
     log.info("perplexity after clustering (hard LUT weights): %.3f", ppl_after)
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
-    if config.run.export and acc.is_main_process:
-        result.export_step = _load_best(model, out, ts.step, ppl_after)
-    if acc.is_main_process:  # the exported (best) weights when exporting, else the final ones
+    if config.run.export and (acc.is_main_process or config.optim.fsdp):
+        result.export_step = _load_best(run, model, ts.step, ppl_after)
+    if _scores_here(run):  # the exported (best) weights when exporting, else the final ones
         with acc.autocast():
             result.domains = domain_report(model, run.teacher, run.domains)
-    if config.run.export and acc.is_main_process:
+    if config.run.export and config.optim.fsdp:  # gathered to rank 0, exported there
+        result.export_path = out / "model.edkm.safetensors"
+        result.sizes = fsdp.export(model, config, result.export_path)
+    elif config.run.export and acc.is_main_process:
         result.export_path = out / "model.edkm.safetensors"
         result.sizes = export_model(model, result.export_path)
     summary = {"ppl_before": ppl_before, "ppl_after": ppl_after, "steps": ts.step, "sizes": result.sizes,
@@ -251,9 +268,12 @@ def _rollback(run: Run, ts: TrainState, guard: DivergenceGuard, reason: str) -> 
         else:
             message += "; lower optim.lr, or set run.on_divergence=rollback"
         raise DivergenceError(message)
-    saved, _ = load_checkpoint(ckpt)
     rollbacks = ts.rollbacks + 1
-    ts = restore(saved, acc.unwrap_model(run.model), run.opt, run.sched, guard)
+    if config.optim.fsdp:  # every rank restores its shards
+        ts = fsdp.load(ckpt, run.model, run.opt, run.sched, guard)
+    else:
+        saved, _ = load_checkpoint(ckpt)
+        ts = restore(saved, acc.unwrap_model(run.model), run.opt, run.sched, guard)
     ts.rollbacks, ts.lr_scale = rollbacks, 0.5**rollbacks
     lr = rebase_lr(run.opt, run.sched, config, ts.lr_scale)
     log.warning("%s: rolled back to step %d with lr x%g (now %.3e), rollback %d of %d", message, ts.step,
@@ -261,6 +281,12 @@ def _rollback(run: Run, ts: TrainState, guard: DivergenceGuard, reason: str) -> 
     if acc.is_main_process:
         _keep_metrics(run.out / "metrics.jsonl", ts.step)
     return ts
+
+
+def _scores_here(run: Run) -> bool:
+    """Whether this process runs the domain scoring: rank 0, or every rank under FSDP2
+    (each forward pass all-gathers the sharded weights; only rank 0 writes the results)."""
+    return run.acc.is_main_process or run.config.optim.fsdp
 
 
 def _any_process(acc: Any, flag: bool) -> bool:
@@ -283,13 +309,14 @@ def _best_score(out: Path) -> float:
     return math.inf if score is None else score
 
 
-def _load_best(model: torch.nn.Module, out: Path, step: int, ppl: float) -> int:
-    """Load the best checkpoint's weights into ``model`` when they beat the final ones.
+def _load_best(run: Run, model: torch.nn.Module, step: int, ppl: float) -> int:
+    """Load the best checkpoint's weights into ``model`` when they beat the final ones
+    (under FSDP2 on every rank, from the sharded checkpoint).
 
     Returns:
         The step whose weights ``model`` now holds.
     """
-    best = best_checkpoint(out)
+    best = best_checkpoint(run.out)
     if best is None:
         return step
     manifest = read_manifest(best)
@@ -297,6 +324,9 @@ def _load_best(model: torch.nn.Module, out: Path, step: int, ppl: float) -> int:
         return step
     log.warning("the final model (step %d, held-out ppl %.3f) is worse than step %d (%.3f): exporting step %d",
                 step, ppl, manifest["step"], manifest["score"], manifest["step"])
+    if run.config.optim.fsdp:
+        fsdp.load_weights(best, run.model, run.opt)
+        return manifest["step"]
     state, _ = load_checkpoint(best)
     model.load_state_dict(state["model"])
     return manifest["step"]

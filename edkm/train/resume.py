@@ -7,8 +7,8 @@ older checkpoints lack). Keys that only steer the rest of the run are *applied*:
 ``optim.grad_clip`` / ``tau_start`` and ``run.*`` (but ``run.seed``) are read each step;
 ``data.eval_domains`` only changes what the final report scores.
 Every other difference (the model, the data and its source, the loss and its temperature
-and weight, the clustering, batch size, accumulation, autocast, seed, number of processes)
-would make the checkpoint mean something else: the resume is refused with one message
+and weight, the clustering, batch size, accumulation, autocast, ``optim.fsdp``, seed, number
+of processes) would make the checkpoint mean something else: the resume is refused with one message
 listing every changed key. A checkpoint written before ``optim.loss`` existed trained on
 cross-entropy, so it reads as ``optim.loss=ce`` (not today's default ``kd``).
 """

@@ -32,7 +32,7 @@ from edkm.export import export_compressed
 from edkm.hub.text import TokenWindows
 from edkm.importance import fisher_importance
 from edkm.preparation import centroid_drift, finalize, prepare
-from edkm.train.checkpoint import latest_checkpoint, load_checkpoint
+from edkm.train.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
 from edkm.train.config import TrainConfig
 from edkm.train.data import micro_batch
 from edkm.train.guard import first_bad_grad
@@ -75,15 +75,22 @@ def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, 
     """Load the latest checkpoint of ``out`` and check the config against it.
 
     Returns:
-        ``(state, manifest, applied)``: the `edkm.train.state.snapshot` dict, its
-        manifest, and ``{"section.key": (old, new)}`` of the config changes to apply.
-        Raises ``FileNotFoundError`` without a checkpoint, `CheckpointError` for a bad
-        one, `ConfigError` listing changes that cannot be applied.
+        ``(state, manifest, applied)``: the `edkm.train.state.snapshot` dict (None for a
+        sharded checkpoint of an ``optim.fsdp`` run, which every rank restores into the
+        sharded model: `edkm.train.fsdp.load`), its manifest, and ``{"section.key":
+        (old, new)}`` of the config changes to apply. Raises ``FileNotFoundError``
+        without a checkpoint, `CheckpointError` for a bad one, `ConfigError` listing
+        changes that cannot be applied (``optim.fsdp`` and the world size included).
     """
+    from edkm.train.sharded import is_sharded_checkpoint
+
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out} (no 'latest' file); start without --resume")
-    state, manifest = load_checkpoint(ckpt)
+    if is_sharded_checkpoint(ckpt):
+        state, manifest = None, read_manifest(ckpt)
+    else:
+        state, manifest = load_checkpoint(ckpt)
     applied = config_changes(manifest["meta"], config, world)
     log.info("resuming from %s (step %d)", ckpt, manifest["step"])
     return state, manifest, applied
@@ -217,6 +224,8 @@ def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, 
             run.opt.zero_grad(set_to_none=True)
         loss_sum += loss.item()
         tokens += ids.numel() * world
+    if world > 1:  # the step's loss is the mean over every process's micro-batches
+        loss_sum = acc.reduce(torch.tensor([loss_sum], device=acc.device), reduction="mean").item()
     run.sched.step()
     ts.step += 1
     dt = time.perf_counter() - t0
@@ -257,7 +266,7 @@ def _grad_norm(model: torch.nn.Module, config: TrainConfig) -> tuple[float | Non
     named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
     if not named:
         return 0.0, None
-    total = float(torch.nn.utils.get_total_norm([g for _, g in named]))
+    total = float(torch.nn.utils.get_total_norm([g for _, g in named]))  # FSDP2 shards (DTensors): the global norm
     return total, (None if math.isfinite(total) else first_bad_grad(named))
 
 
