@@ -15,7 +15,6 @@ asks for FSDP2:
     load_weights     the weights of a sharded checkpoint into the live sharded model
     export           gather the full state to rank 0 and export it exactly as ``edkm export``
                      exports a checkpoint in one process (same model build, same bytes)
-    from_rank0       rank 0's value on every rank (scores that steer collective decisions)
 
 DKM runs on the all-gathered weight on every rank (`edkm.distributed`), so every forward
 pass is collective: evaluation, the domain report and the ``run.domains_every`` curve run
@@ -45,7 +44,7 @@ from edkm.distributed import decoder_layers, prepare_for_fsdp
 from edkm.train.config import ConfigError, TrainConfig
 from edkm.train.guard import DivergenceGuard
 from edkm.train.sharded import gather_full_state, load_sharded_checkpoint, save_sharded_checkpoint
-from edkm.train.state import TrainState, get_rng, set_rng
+from edkm.train.state import TrainState, restore_run_state, run_state
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +134,8 @@ def save(out: Path, model: torch.nn.Module, opt: Any, sched: Any, ts: TrainState
     Returns:
         The checkpoint directory (see `edkm.train.sharded.save_sharded_checkpoint`).
     """
-    extra = {"scheduler": sched.state_dict(), "step": ts.step, "micro": ts.micro, "rollbacks": ts.rollbacks,
-             "lr_scale": ts.lr_scale, "guard": guard.state_dict(), "rng": get_rng()}
-    return save_sharded_checkpoint(out, ts.step, model, _torch_optimizer(opt), extra, meta, keep=keep, score=score)
+    return save_sharded_checkpoint(out, ts.step, model, _torch_optimizer(opt), run_state(sched, ts, guard), meta,
+                                   keep=keep, score=score)
 
 
 def load(ckpt: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: DivergenceGuard) -> TrainState:
@@ -155,11 +153,7 @@ def load(ckpt: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: Diverg
     extra, manifest = load_sharded_checkpoint(ckpt, model, _torch_optimizer(opt))
     if not manifest.get("optimizer_state", True):
         _torch_optimizer(opt).state.clear()
-    sched.load_state_dict(extra["scheduler"])
-    guard.load_state_dict(extra["guard"])
-    set_rng(extra["rng"])
-    return TrainState(step=extra["step"], micro=extra["micro"], rollbacks=extra["rollbacks"],
-                      lr_scale=extra["lr_scale"])
+    return restore_run_state(extra, sched, guard)
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, opt: Any) -> None:
@@ -191,13 +185,6 @@ def export(model: torch.nn.Module, config: TrainConfig, path: Path) -> dict[str,
         sizes = export_model(plain.eval(), path)
     dist.barrier()
     return sizes
-
-
-def from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (collective)."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _group() -> bool:

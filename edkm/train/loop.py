@@ -57,6 +57,7 @@ from edkm.train.guard import DivergenceError, DivergenceGuard
 from edkm.train.lock import RunLock
 from edkm.train.resume import SCHEDULE_KEYS
 from edkm.train.schedule import rebase_lr
+from edkm.train.sharded import from_rank0
 from edkm.train.state import TrainState, restore, seed_all, snapshot
 from edkm.train.steps import Run, calibrate, evaluate, export_model, float_side, prepare_model, resume_point, train_step
 
@@ -181,7 +182,7 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
             score = evaluate(acc.unwrap_model(run.model), run.heldout, acc)
-            score = row["heldout_ppl"] = fsdp.from_rank0(score) if config.optim.fsdp else score
+            score = row["heldout_ppl"] = from_rank0(score) if config.optim.fsdp else score
             reason = guard.check_heldout(score)
         if _any_process(acc, reason is not None):
             ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")

@@ -99,7 +99,7 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.M
     rank, world = _rank_world()
     root = Path(output_dir)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{_from_rank0(os.getpid())}"
+    tmp = root / f".tmp-step-{step:06d}-{from_rank0(os.getpid())}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +126,7 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.M
             publish(tmp, final, score, keep)
         except OSError as err:
             failure = f"rank 0: {err}"
-    _raise_any(_from_rank0(failure), f"could not publish sharded checkpoint {final}; the previous checkpoint is intact",
+    _raise_any(from_rank0(failure), f"could not publish sharded checkpoint {final}; the previous checkpoint is intact",
                cleanup=tmp)
     log.info("sharded checkpoint step %d (%d ranks) -> %s", step, world, final)
     return final
@@ -228,7 +228,8 @@ def _rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective)."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -36,9 +36,14 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, sta
              guard: DivergenceGuard) -> dict[str, Any]:
     """Everything a checkpoint needs to continue bitwise: weights, optimizer, scheduler,
     counters, the guard's loss history and all RNG states."""
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "step": state.step, "micro": state.micro, "rollbacks": state.rollbacks, "lr_scale": state.lr_scale,
-            "guard": guard.state_dict(), "rng": get_rng()}
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), **run_state(sched, state, guard)}
+
+
+def run_state(sched: Any, state: TrainState, guard: DivergenceGuard) -> dict[str, Any]:
+    """The part of a `snapshot` besides weights and optimizer: scheduler, counters, the
+    guard's history and this process's RNG states (a sharded checkpoint's per-rank file)."""
+    return {"scheduler": sched.state_dict(), "step": state.step, "micro": state.micro, "rollbacks": state.rollbacks,
+            "lr_scale": state.lr_scale, "guard": guard.state_dict(), "rng": get_rng()}
 
 
 def restore(saved: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
@@ -50,6 +55,11 @@ def restore(saved: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Opti
     """
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
+    return restore_run_state(saved, sched, guard)
+
+
+def restore_run_state(saved: dict[str, Any], sched: Any, guard: DivergenceGuard) -> TrainState:
+    """Load a `run_state` dict into ``sched`` / ``guard`` and the RNGs; returns the counters."""
     sched.load_state_dict(saved["scheduler"])
     guard.load_state_dict(saved.get("guard"))
     set_rng(saved["rng"])
