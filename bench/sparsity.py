@@ -58,14 +58,13 @@ def map_stats(values: torch.Tensor, counts: torch.Tensor, c_prev: torch.Tensor, 
     """
     if values.shape[-1] != 1:
         raise ValueError(f"map_stats takes scalar LUTs (d = 1), got d = {values.shape[-1]}")
-    order = c_prev[..., 0].argsort(dim=1)  # sorted centroid order per group
-    c = c_prev[..., 0].gather(1, order)  # (G, K)
+    from edkm.functional.passes import _assign, _group_blocks
+
+    c = c_prev.sort(dim=1).values  # (G, K, 1): sorted centroid order per group (d = 1)
     nz, win = [], []
-    step = max(1, (1 << 18) // max(1, values.shape[1] * c.shape[1]))
-    for g in range(0, values.shape[0], step):
-        v, n = values[g : g + step, :, 0], counts[g : g + step]
-        a = torch.softmax((v.unsqueeze(-1) - c[g : g + step].unsqueeze(1)).square() / -tau, dim=-1)  # (b, U, K)
-        live = a[n > 0] > 0  # (r, K) rows with points
+    for b in _group_blocks(*values.shape[:2], c.shape[1], 1):
+        a = _assign(values[b].unsqueeze(1), c[b], tau)[0].transpose(1, 2)  # the torch path's map, (b, U, K)
+        live = a[counts[b] > 0] > 0  # (r, K) rows with points
         k = torch.arange(live.shape[1])
         first = torch.where(live, k, live.shape[1]).min(1).values
         last = torch.where(live, k, -1).max(1).values
@@ -83,7 +82,7 @@ def measure(config) -> list[dict]:
     """One row per layer kind and an ``all`` row for the preset's model (see the module docstring)."""
     from edkm import fisher_importance, prepare
     from edkm.functional import passes
-    from edkm.functional.table import build_table
+    from edkm.functional.autograd import TORCH_OPS, _build
     from edkm.preparation import clustered_layers
     from edkm.train.data import load_model_and_windows
 
@@ -96,13 +95,7 @@ def measure(config) -> list[dict]:
     with torch.no_grad():
         for name, module, p in clustered_layers(model):
             points = p.points(module.parametrizations.weight.original)
-            table = build_table(points)
-            imp = p._importance()
-            mass = table.counts
-            if imp is not None:  # the importance mass of every row, as the forward weighs it
-                from edkm.functional.autograd import TORCH_OPS, importance_mass
-
-                mass = importance_mass(TORCH_OPS, points, table.index(), table.values.shape[1], imp)
+            table, _, mass = _build(TORCH_OPS, points, p._importance())  # as the forward builds and weighs it
             c_hist, _ = passes.table_iterate(table.values, mass, p.centroids, config.dkm.tau, config.dkm.max_iters)
             stats = map_stats(table.values, table.counts, c_hist[:, -2], config.dkm.tau)
             for kind in (layer_kind(name), "all"):
