@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Output .edkm.safetensors file (its directory is created); folder: a directory; "
                    "coreml: a .mlpackage.")
     x.add_argument("--which", choices=("best", "latest"), default="best",
-                   help="For a run directory: the best held-out perplexity (default) or the latest checkpoint.")
+                   help="For a run directory: the best scored checkpoint (default; run.best_by: held-out KL "
+                        "for kd runs, perplexity for ce) or the latest one.")
     x.add_argument("--format", choices=("edkm", "folder", "coreml"), default="edkm",
                    help="edkm: packed safetensors; folder: save_pretrained-style folder with config and tokenizer; "
                    "coreml: stateful Core ML .mlpackage with the exact LUTs (needs the coreml extra). For coreml "
@@ -164,6 +165,7 @@ def _train(args: argparse.Namespace) -> int:
                   f"{row['step_s']:.2f}s/step {row['tokens_per_s']:.0f} tok/s "
                   f"peak {row['peak_mem_bytes'] / 2**30:.2f} GiB drift {row['centroid_drift']:.2e}"
                   + (f" held-out ppl {row['heldout_ppl']:.3f}" if "heldout_ppl" in row else "")
+                  + (f" KL {row['heldout_kl']:.4f}" if "heldout_kl" in row else "")
                   + "".join(f" | {name} x{d['ppl_ratio']:.3f} KL {d['kl']:.3f} top-1 {d['top1_agreement']:.3f}"
                             for name, d in row.get("domains", {}).items()))
 
@@ -223,7 +225,7 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     r = export_checkpoint(args.checkpoint, args.out, args.which, fmt=args.format, prefill_len=args.prefill_len,
                           context=args.context)
-    score = "not scored" if r["score"] is None else f"held-out ppl {r['score']:.3f}"
+    score = "not scored" if r["score"] is None else f"held-out {r['score_by']} {r['score']:.4g}"
     if args.format != "edkm":
         print(f"exported step {r['step']} ({score}) from {r['checkpoint']}: {r['summary']}")
         return 0

@@ -67,7 +67,8 @@ def test_export_takes_the_best_checkpoint_and_says_which(capsys, tmp_path):
     dest = tmp_path / "new" / "dir" / "m.edkm.safetensors"  # the directory is created
     code, out, err = _run(capsys, "export", "--checkpoint", str(run), "--out", str(dest))
     assert code == 0, err
-    assert f"exported step {best['step']} (held-out ppl {best['score']:.3f}) from {run / best_checkpoint(run).name}" \
+    assert best["score_by"] == "ppl"  # optim.loss=ce: checkpoints scored by held-out perplexity
+    assert f"exported step {best['step']} (held-out ppl {best['score']:.4g}) from {run / best_checkpoint(run).name}" \
         in out and dest.is_file()
     code, out, _ = _run(capsys, "export", "--checkpoint", str(run), "--out", str(dest), "--which", "latest")
     assert code == 0 and "exported step 3 " in out

@@ -41,7 +41,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 2,
-                    score: float | None = None) -> Path:
+                    score: float | None = None, score_by: str = "ppl") -> Path:
     """Write ``state`` as checkpoint ``step`` atomically and point ``latest`` at it.
 
     Args:
@@ -50,8 +50,10 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         state: Anything ``torch.save`` can write (tensors, dicts, RNG states).
         meta: JSON-able metadata stored in the manifest (config, data position, ...).
         keep: Number of most recent checkpoints kept on disk (``best`` is kept too).
-        score: Held-out score of this state (perplexity; lower is better), or None.
-            A finite score lower than the current best's moves ``best`` here.
+        score: Held-out score of this state (lower is better), or None. A finite score
+            lower than the current best's moves ``best`` here.
+        score_by: What ``score`` measures (``ppl`` or ``kl``, `TrainConfig.score_by`),
+            stored next to it: scores are only compared with scores of the same kind.
     Returns:
         The checkpoint directory. Raises `CheckpointError` naming the path, the bytes
         needed and the bytes free when the write fails (the previous checkpoint stays).
@@ -65,7 +67,7 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         tmp.mkdir()
         torch.save(state, tmp / STATE)
         digest = sha256_file(tmp / STATE)
-        manifest = {"step": step, "sha256": {STATE: digest}, "meta": meta, "score": score}
+        manifest = {"step": step, "sha256": {STATE: digest}, "meta": meta, "score": score, "score_by": score_by}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for f in (tmp / STATE, tmp / MANIFEST):
             fsync_file(f)
@@ -73,16 +75,17 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {tmp / STATE}: {err} "
                               f"({space_note(root, _state_bytes(state))}); the previous checkpoint is intact") from err
-    publish(tmp, final, score, keep)
-    log.info("checkpoint step %d -> %s%s", step, final, "" if score is None else f" (held-out ppl {score:.3f})")
+    publish(tmp, final, score, keep, score_by)
+    log.info("checkpoint step %d -> %s%s", step, final, "" if score is None else f" (held-out {score_by} {score:.4g})")
     return final
 
 
-def publish(tmp: Path, final: Path, score: float | None, keep: int) -> None:
+def publish(tmp: Path, final: Path, score: float | None, keep: int, score_by: str = "ppl") -> None:
     """Move a fully written and fsynced checkpoint directory into place and update the pointers.
 
     Renames ``tmp`` to ``final`` (replacing an older ``final``), points ``latest`` at it,
-    moves ``best`` there when ``score`` is finite and lower than the current best's, and
+    moves ``best`` there when ``score`` is finite and lower than the current best's (or the
+    current best was scored by another measure: a run resumed with a new ``run.best_by``), and
     prunes to ``keep`` checkpoints. Shared by the single-process checkpoints and the
     sharded ones (`edkm.train.sharded`), which call it on one rank.
 
@@ -91,6 +94,7 @@ def publish(tmp: Path, final: Path, score: float | None, keep: int) -> None:
         final: Its ``step-NNNNNN`` name in the run directory.
         score: Held-out score of the state (lower is better), or None.
         keep: Number of most recent checkpoints kept (``latest`` and ``best`` always are).
+        score_by: What ``score`` measures (see `save_checkpoint`).
     """
     root = final.parent
     if final.exists():
@@ -99,8 +103,8 @@ def publish(tmp: Path, final: Path, score: float | None, keep: int) -> None:
     _atomic_write(root / LATEST, final.name + "\n")
     if score is not None and math.isfinite(score):
         best = best_checkpoint(root)
-        best_score = read_manifest(best).get("score") if best is not None and best != final else None
-        if best is None or best == final or best_score is None or score < best_score:
+        best_score = best_score_by(best, score_by) if best is not None and best != final else None
+        if best_score is None or score < best_score:
             _atomic_write(root / BEST, final.name + "\n")
     _prune(root, keep)
 
@@ -112,6 +116,14 @@ def best_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     path = Path(output_dir) / pointer.read_text().strip()
     return path if path.is_dir() and path.name.startswith("step-") else None
+
+
+def best_score_by(checkpoint: Path, score_by: str) -> float | None:
+    """A checkpoint's score when it was scored by ``score_by`` (None: unscored, or scored by
+    another measure, which a score of this kind cannot be compared with). Checkpoints
+    written before ``score_by`` was stored were scored by held-out perplexity."""
+    manifest = read_manifest(checkpoint)
+    return manifest.get("score") if manifest.get("score_by", "ppl") == score_by else None
 
 
 def reset_best(output_dir: str | Path) -> None:

@@ -91,9 +91,10 @@ def export_checkpoint(path: str | Path, out: str | Path, which: str = "best", fm
             config and tokenizer) or ``coreml`` (see `edkm.deploy.formats.write_format`).
         prefill_len, context: Core ML prefill length and KV-cache length.
     Returns:
-        ``{"checkpoint", "step", "score", "sizes", "out"}`` (``sizes`` for ``edkm``;
-        ``summary`` for the other formats); ``score`` is the held-out perplexity recorded
-        with the checkpoint (None if it was not scored).
+        ``{"checkpoint", "step", "score", "score_by", "sizes", "out"}`` (``sizes`` for ``edkm``;
+        ``summary`` for the other formats); ``score`` is the held-out score recorded
+        with the checkpoint (None if it was not scored), ``score_by`` what it measures
+        (``ppl`` or ``kl``, see ``run.best_by``).
     """
     if fmt not in ("edkm", "folder", "coreml"):
         raise ConfigError(f"export format must be edkm, folder or coreml, got {fmt!r}")
@@ -113,7 +114,8 @@ def export_checkpoint(path: str | Path, out: str | Path, which: str = "best", fm
         model.load_state_dict(state["model"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"), "out": out}
+    result = {"checkpoint": ckpt, "step": manifest["step"], "score": manifest.get("score"),
+              "score_by": manifest.get("score_by", "ppl"), "out": out}
     if fmt != "edkm":
         from edkm.deploy.formats import write_format
         from edkm.preparation import finalize

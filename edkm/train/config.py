@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_DIVERGENCE = ("stop", "rollback")
+BEST_BY = ("auto", "ppl", "kl")
 LOSSES = ("kd", "ce", "kd+ce")
 SOURCES = ("corpus", "teacher", "mix")
 
@@ -202,7 +203,14 @@ class RunConfig:
             (perplexity ratio, KL, top-1 agreement) every this many steps, into that step's
             ``metrics.jsonl`` row under ``domains``: the fidelity curve over training
             tokens (0 = only the final report in ``summary.json``). Steered only; the
-            checkpoint choice stays on the held-out perplexity.
+            checkpoint choice follows ``best_by``.
+        best_by: What scores a checkpoint, and so which one is ``best`` (kept on disk and
+            exported when it beats the final weights): ``ppl`` (held-out perplexity),
+            ``kl`` (mean per-token KL(float model || clustered model) on the held-out
+            windows: faithfulness to the float model, what ``kd`` trains for; needs the
+            teacher of ``optim.loss=kd`` or ``kd+ce``), or ``auto`` (``kl`` for the ``kd``
+            losses, ``ppl`` for ``ce``). Either way the divergence guard vets the
+            held-out perplexity.
         on_divergence: ``stop`` (raise, naming the step and the first bad layer) or
             ``rollback`` (reload the last good checkpoint, halve the lr, continue).
         loss_spike: A step whose loss exceeds this factor times the mean of the last 10
@@ -221,6 +229,7 @@ class RunConfig:
     export: bool = True
     eval_every: int = 0
     domains_every: int = 0
+    best_by: str = "auto"
     on_divergence: str = "stop"
     loss_spike: float = 10.0
     max_weight_abs: float = 65504.0
@@ -234,6 +243,8 @@ class RunConfig:
         _positive("run.eval_every", self.eval_every, minimum=0)
         _positive("run.domains_every", self.domains_every, minimum=0)
         _positive("run.max_rollbacks", self.max_rollbacks, minimum=0)
+        if self.best_by not in BEST_BY:
+            raise ValueError(f"run.best_by must be one of {BEST_BY}, got {self.best_by!r}")
         if self.on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"run.on_divergence must be one of {ON_DIVERGENCE}, got {self.on_divergence!r}")
         for name in ("loss_spike", "max_weight_abs"):
@@ -257,6 +268,16 @@ class TrainConfig:
         if self.optim.fsdp and self.dkm.shard:
             raise ConfigError("optim.fsdp=true with dkm.shard=true: FSDP2 already shards the weight and DKM runs on "
                               "its all-gathered copy; set dkm.shard=false (or optim.fsdp=false for eDKM sharding)")
+        if self.run.best_by == "kl" and self.optim.loss == "ce":
+            raise ConfigError("run.best_by=kl scores checkpoints by KL from the float model, which only the kd losses "
+                              "keep (optim.loss=ce keeps no teacher); set optim.loss=kd or kd+ce, or run.best_by=ppl")
+
+    @property
+    def score_by(self) -> str:
+        """What scores a checkpoint: ``"kl"`` or ``"ppl"`` (``run.best_by`` with ``auto`` resolved)."""
+        if self.run.best_by == "auto":
+            return "ppl" if self.optim.loss == "ce" else "kl"
+        return self.run.best_by
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""

@@ -128,14 +128,14 @@ def shard_teacher(teacher: torch.nn.Module | None) -> torch.nn.Module | None:
 
 
 def save(out: Path, model: torch.nn.Module, opt: Any, sched: Any, ts: TrainState, guard: DivergenceGuard,
-         meta: dict[str, Any], keep: int, score: float | None) -> Path:
+         meta: dict[str, Any], keep: int, score: float | None, score_by: str = "ppl") -> Path:
     """Write checkpoint ``ts.step`` of the run as a sharded checkpoint (collective).
 
     Returns:
         The checkpoint directory (see `edkm.train.sharded.save_sharded_checkpoint`).
     """
     return save_sharded_checkpoint(out, ts.step, model, _torch_optimizer(opt), run_state(sched, ts, guard), meta,
-                                   keep=keep, score=score)
+                                   keep=keep, score=score, score_by=score_by)
 
 
 def load(ckpt: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: DivergenceGuard) -> TrainState:

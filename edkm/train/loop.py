@@ -22,7 +22,9 @@ checkpoint files are removed at start-up; after every optimizer step the diverge
 guard (`edkm.train.guard`) checks loss, gradient norm and weights, and a diverged state
 is never written: the run stops (`DivergenceError`) or, with
 ``run.on_divergence=rollback``, reloads the last good checkpoint with half the lr.
-Every checkpoint carries its held-out perplexity; pruning keeps the best one.
+Every checkpoint carries its held-out score (``run.best_by``: the KL from the float model
+for the ``kd`` losses, perplexity for ``ce``); pruning keeps the best one, and the export
+takes it when it beats the final weights.
 
 Progress goes through a callback (the CLI draws a tqdm bar); metrics go to
 ``metrics.jsonl`` in the output directory, one JSON object per logged step.
@@ -43,6 +45,7 @@ import torch
 from edkm.train import fsdp
 from edkm.train.checkpoint import (
     best_checkpoint,
+    best_score_by,
     latest_checkpoint,
     load_checkpoint,
     read_manifest,
@@ -59,7 +62,17 @@ from edkm.train.resume import SCHEDULE_KEYS
 from edkm.train.schedule import rebase_lr
 from edkm.train.sharded import from_rank0
 from edkm.train.state import TrainState, restore, seed_all, snapshot
-from edkm.train.steps import Run, calibrate, evaluate, export_model, float_side, prepare_model, resume_point, train_step
+from edkm.train.steps import (
+    Run,
+    calibrate,
+    evaluate,
+    export_model,
+    float_side,
+    heldout_scores,
+    prepare_model,
+    resume_point,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +124,10 @@ def train(config: TrainConfig, resume: bool = False, on_step: Callable[[dict[str
 def _train(config: TrainConfig, acc: Any, out: Path, resume: bool, on_step: Callable | None,
            stop_after: int | None) -> TrainResult:
     run, ts, guard, meta = _start(config, acc, out, resume)
-    ts, metrics, score = _steps(run, ts, guard, meta, on_step, stop_after)
+    ts, metrics, last = _steps(run, ts, guard, meta, on_step, stop_after)
     if ts.step < config.optim.max_steps:  # stopped early (stop_after): checkpointed, not evaluated
         return TrainResult(meta["ppl_before"], float("nan"), ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
-    return _finish(run, ts, meta["ppl_before"], score, metrics)
+    return _finish(run, ts, meta["ppl_before"], last, metrics)
 
 
 def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run, TrainState, DivergenceGuard, dict]:
@@ -165,25 +178,31 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
 
 
 def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step: Callable | None,
-           stop_after: int | None) -> tuple[TrainState, list[dict[str, Any]], float]:
+           stop_after: int | None) -> tuple[TrainState, list[dict[str, Any]], tuple[float, float]]:
     """Optimizer steps until ``max_steps`` (or ``stop_after`` in this process): guard,
-    evaluate, log, checkpoint. Returns the counters, the logged rows and the last score."""
+    evaluate, log, checkpoint. Returns the counters, the logged rows and the last step's
+    ``(held-out ppl, score)`` (nan when it was not evaluated)."""
     config, acc, out = run.config, run.acc, run.out
-    best = _best_score(out)  # inf for a fresh run: _start forgot an earlier run's best
+    by = config.score_by
+    best = _best_score(out, by)  # inf for a fresh run: _start forgot an earlier run's best
     metrics: list[dict[str, Any]] = []
-    done_here, score = 0, math.nan
+    done_here, ppl, score = 0, math.nan, math.nan
     run.model.train()
     while ts.step < config.optim.max_steps:
         row, norm, bad_grad = train_step(run, ts)
         done_here += 1
         last = ts.step == config.optim.max_steps or (stop_after is not None and done_here >= stop_after)
         save = bool(config.run.save_every and ts.step % config.run.save_every == 0) or last
-        score = math.nan
+        ppl = score = math.nan
         reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
-            score = evaluate(acc.unwrap_model(run.model), run.heldout, acc)
-            score = row["heldout_ppl"] = from_rank0(score) if config.optim.fsdp else score
-            reason = guard.check_heldout(score)
+            ppl, kl, score = _heldout(run)
+            row["heldout_ppl"] = ppl
+            if kl is not None:
+                row["heldout_kl"] = kl
+            reason = guard.check_heldout(ppl)
+            if reason is None and not math.isfinite(score):
+                reason = f"the held-out {by} is {score}"
         if _any_process(acc, reason is not None):
             ts = _rollback(run, ts, guard, reason or "another process saw a diverged state")
             continue
@@ -198,15 +217,25 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
                 on_step(row)
         kept = None if math.isnan(score) else score
         if config.optim.fsdp and (save or score < best):  # every rank writes its shards
-            fsdp.save(out, run.model, run.opt, run.sched, ts, guard, meta, config.run.keep_checkpoints, kept)
+            fsdp.save(out, run.model, run.opt, run.sched, ts, guard, meta, config.run.keep_checkpoints, kept, by)
         elif acc.is_main_process and (save or score < best):  # a new best at an eval step is kept too
             save_checkpoint(out, ts.step, snapshot(acc.unwrap_model(run.model), run.opt, run.sched, ts, guard), meta,
-                            keep=config.run.keep_checkpoints, score=kept)
+                            keep=config.run.keep_checkpoints, score=kept, score_by=by)
         best = min(best, score) if not math.isnan(score) else best
         acc.wait_for_everyone()
         if last:
             break
-    return ts, metrics, score
+    return ts, metrics, (ppl, score)
+
+
+def _heldout(run: Run) -> tuple[float, float | None, float]:
+    """``(perplexity, KL or None, score)`` of the current weights on the held-out windows;
+    the score is the one of ``run.best_by`` (every rank under FSDP2; rank 0's numbers)."""
+    by = run.config.score_by
+    ppl, kl = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc, by == "kl")
+    if run.config.optim.fsdp:
+        ppl, kl = from_rank0((ppl, kl))
+    return ppl, kl, kl if by == "kl" else ppl
 
 
 def _curve_point(run: Run) -> dict[str, dict[str, float]]:
@@ -218,15 +247,17 @@ def _curve_point(run: Run) -> dict[str, dict[str, float]]:
     return {name: {k: r["after"][k] for k in keys} for name, r in report.items()}
 
 
-def _finish(run: Run, ts: TrainState, ppl_before: float, score: float, metrics: list) -> TrainResult:
-    """Perplexity after (the last step's score), export of the best checkpoint, summary."""
+def _finish(run: Run, ts: TrainState, ppl_before: float, last: tuple[float, float], metrics: list) -> TrainResult:
+    """Perplexity after (the last step's), export of the best checkpoint, summary."""
     config, acc, out = run.config, run.acc, run.out
     model = acc.unwrap_model(run.model)
-    ppl_after = score if not math.isnan(score) else evaluate(model, run.heldout, acc)
+    ppl_after, score = last
+    if math.isnan(ppl_after):  # no step ran here (resumed at max_steps): score the final weights
+        ppl_after, _, score = _heldout(run)
     log.info("perplexity after clustering (hard LUT weights): %.3f", ppl_after)
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
     if config.run.export and (acc.is_main_process or config.optim.fsdp):
-        result.export_step = _load_best(run, model, ts.step, ppl_after)
+        result.export_step = _load_best(run, model, ts.step, score)
     if _scores_here(run):  # the exported (best) weights when exporting, else the final ones
         with acc.autocast():
             result.domains = domain_report(model, run.teacher, run.domains)
@@ -304,27 +335,30 @@ def _keep_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _best_score(out: Path) -> float:
+def _best_score(out: Path, by: str) -> float:
+    """The best checkpoint's score of kind ``by``; inf when there is none to compare with."""
     best = best_checkpoint(out)
-    score = read_manifest(best).get("score") if best is not None else None
+    score = best_score_by(best, by) if best is not None else None
     return math.inf if score is None else score
 
 
-def _load_best(run: Run, model: torch.nn.Module, step: int, ppl: float) -> int:
+def _load_best(run: Run, model: torch.nn.Module, step: int, score: float) -> int:
     """Load the best checkpoint's weights into ``model`` when they beat the final ones
-    (under FSDP2 on every rank, from the sharded checkpoint).
+    (final held-out ``score`` of kind ``run.config.score_by``; under FSDP2 on every rank,
+    from the sharded checkpoint).
 
     Returns:
         The step whose weights ``model`` now holds.
     """
-    best = best_checkpoint(run.out)
+    best, by = best_checkpoint(run.out), run.config.score_by
     if best is None:
         return step
     manifest = read_manifest(best)
-    if manifest["step"] == step or manifest.get("score") is None or not manifest["score"] < ppl:
+    best_score = best_score_by(best, by)
+    if manifest["step"] == step or best_score is None or not best_score < score:
         return step
-    log.warning("the final model (step %d, held-out ppl %.3f) is worse than step %d (%.3f): exporting step %d",
-                step, ppl, manifest["step"], manifest["score"], manifest["step"])
+    log.warning("the final model (step %d, held-out %s %.4g) is worse than step %d (%.4g): exporting step %d",
+                step, by, score, manifest["step"], best_score, manifest["step"])
     if run.config.optim.fsdp:
         fsdp.load_weights(best, run.model, run.opt)
         return manifest["step"]

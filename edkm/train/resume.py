@@ -10,7 +10,8 @@ Every other difference (the model, the data and its source, the loss and its tem
 and weight, the clustering, batch size, accumulation, autocast, ``optim.fsdp``, seed, number
 of processes) would make the checkpoint mean something else: the resume is refused with one message
 listing every changed key. A checkpoint written before ``optim.loss`` existed trained on
-cross-entropy, so it reads as ``optim.loss=ce`` (not today's default ``kd``).
+cross-entropy, so it reads as ``optim.loss=ce`` (not today's default ``kd``); one written
+before ``run.best_by`` existed scored checkpoints by perplexity (``run.best_by=ppl``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ APPLIED_OPTIM = ("lr", "max_steps", "schedule", "warmup_steps", "weight_decay", 
 SCHEDULE_KEYS = ("optim.lr", "optim.max_steps", "optim.schedule", "optim.warmup_steps")
 APPLIED_DATA = ("eval_domains",)
 # What a checkpoint that lacks a key ran with, where that differs from today's default.
-LEGACY = {("optim", "loss"): "ce"}
+LEGACY = {("optim", "loss"): "ce", ("run", "best_by"): "ppl"}
 
 
 def config_changes(meta: dict[str, Any], config: TrainConfig, world: int) -> dict[str, tuple[Any, Any]]:

@@ -78,7 +78,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                             extra: dict[str, Any], meta: dict[str, Any], keep: int = 2,
-                            score: float | None = None) -> Path:
+                            score: float | None = None, score_by: str = "ppl") -> Path:
     """Write checkpoint ``step`` of an FSDP2 run from every rank, atomically (collective).
 
     Args:
@@ -91,6 +91,7 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.M
         meta: JSON-able metadata for the manifest (rank 0's is written).
         keep: Number of most recent checkpoints kept (``latest`` and ``best`` always are).
         score: Held-out score (lower is better) or None; a lower finite score moves ``best``.
+        score_by: What ``score`` measures (see `edkm.train.checkpoint.save_checkpoint`).
     Returns:
         The checkpoint directory, on every rank. Raises `CheckpointError` on every rank,
         naming the failing rank and path, when any rank's write fails (the previous
@@ -120,10 +121,10 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, model: torch.nn.M
     if rank == 0:
         try:
             manifest = {"step": step, "format": SHARDED_FORMAT, "world_size": world, "sha256": digests,
-                        "optimizer_state": "optim" in state, "meta": meta, "score": score}
+                        "optimizer_state": "optim" in state, "meta": meta, "score": score, "score_by": score_by}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             fsync_file(tmp / MANIFEST)
-            publish(tmp, final, score, keep)
+            publish(tmp, final, score, keep, score_by)
         except OSError as err:
             failure = f"rank 0: {err}"
     _raise_any(from_rank0(failure), f"could not publish sharded checkpoint {final}; the previous checkpoint is intact",

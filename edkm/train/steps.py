@@ -9,6 +9,7 @@
     train_step     one optimizer step over ``grad_accum`` micro-batches (loss of
                    ``optim.loss``: `step_loss`), with its metrics
     evaluate       held-out perplexity (hard LUT weights)
+    heldout_scores held-out perplexity and KL from the teacher (``run.best_by=kl``)
     export_model   `edkm.finalize` and the packed export
 
 Each takes what it needs explicitly; none keeps state between calls. `Run` bundles the
@@ -247,6 +248,28 @@ def evaluate(model: torch.nn.Module, heldout: torch.Tensor, acc: Any) -> float:
     except OverflowError:
         log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
         return float("inf")
+
+
+def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, heldout: torch.Tensor, acc: Any,
+                   with_kl: bool) -> tuple[float, float | None]:
+    """Held-out perplexity of ``model`` and, with ``with_kl``, its mean per-token
+    KL(teacher || model) on the same predictions (one pass of each model; eval mode).
+
+    Returns:
+        ``(ppl, kl)``: ``kl`` None without ``with_kl``; ``ppl`` inf when the mean loss is too
+        large for ``exp``.
+    """
+    if not with_kl:
+        return evaluate(model, heldout, acc), None
+    from edkm.evaluate import fidelity
+
+    try:
+        with acc.autocast():
+            f = fidelity(model, teacher, heldout.to(acc.device), batch_size=4)
+    except OverflowError:
+        log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
+        return float("inf"), float("inf")
+    return f.perplexity, f.kl
 
 
 def export_model(model: torch.nn.Module, path: Path) -> dict[str, int]:
