@@ -98,13 +98,38 @@ def _train(out: Path, rank: int, resume: bool, kill_at: int | None) -> dict:
     return {"losses": losses, "model": full, "optim": optim}
 
 
+def _diagnose_exit(rank: int) -> None:
+    """Say on stderr how this rank leaves (diagnosis of a rare SIGABRT: once in ~9 full CI runs
+    a rank of stage "b" aborts with "terminate called without an active exception" while its
+    main thread has no Python frame left, i.e. during interpreter exit; mp.spawn's wrapper
+    exits quietly on KeyboardInterrupt and SystemExit, so those are printed here)."""
+    import atexit
+    import faulthandler
+    import time
+
+    start = time.monotonic()
+    atexit.register(lambda: print(f"rank {rank} (pid {os.getpid()}) exits after {time.monotonic() - start:.1f} s",
+                                  file=sys.stderr, flush=True))
+    faulthandler.register(signal.SIGINT, chain=True)  # the stack of every thread if a SIGINT arrives
+    faulthandler.register(signal.SIGTERM, chain=True)
+
+
 def _worker(rank, init_file, jobs):
+    _diagnose_exit(rank)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    for out, resume, kill_at, result in jobs:
-        got = _train(Path(out), rank, resume, kill_at)
-        if rank == 0:
-            torch.save(got, result)
+    try:
+        for out, resume, kill_at, result in jobs:
+            got = _train(Path(out), rank, resume, kill_at)
+            if rank == 0:
+                torch.save(got, result)
+    except BaseException as err:
+        if not isinstance(err, Exception):  # the parent would see only an exit code
+            import traceback
+
+            print(f"rank {rank}: {type(err).__name__}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        raise
     # Both ranks leave together: a rank that exits while its peer's gloo threads still talk to
     # it can take the peer down at exit ("terminate called without an active exception",
     # SIGABRT; seen once in CI under heavy load).
