@@ -25,7 +25,8 @@ CPU runs use one intra-op thread unless --threads says otherwise (see bench/spee
 why; the issue asks for 1 and 2 threads).
 
 Usage:
-    python -m bench.step                          # SmolLM2-135M, 4-bit 16-row preset, 4 x 128 tokens
+    python -m bench.step                          # SmolLM2-135M, the main 4-bit preset (4-row LUTs), 4 x 128 tokens
+    python -m bench.step --group-size 16          # the 16-row LUTs the earlier numbers (and issue 12) use
     python -m bench.step --threads 2 --rounds 5 --out bench/results/step.json
     python -m bench.step --granularity per_tensor --bits 3
     python -m bench.step --quick                  # tiny random LLaMA, seconds (CI)
