@@ -124,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, over)
     if config.dkm.cluster_dim != 1:
         raise SystemExit(f"bench.sparsity measures scalar LUTs (dkm.cluster_dim=1), got {config.dkm.cluster_dim}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = measure(config)
     tags = {"bench": "sparsity", "config": args.config, "quick": args.quick, "bits": config.dkm.bits,
             "tau": config.dkm.tau, "granularity": config.dkm.granularity, "group_size": config.dkm.group_size,

@@ -103,7 +103,7 @@ def publish(tmp: Path, final: Path, score: float | None, keep: int, score_by: st
     _atomic_write(root / LATEST, final.name + "\n")
     if score is not None and math.isfinite(score):
         best = best_checkpoint(root)
-        best_score = best_score_by(best, score_by) if best is not None and best != final else None
+        best_score = manifest_score(read_manifest(best), score_by) if best is not None and best != final else None
         if best_score is None or score < best_score:
             _atomic_write(root / BEST, final.name + "\n")
     _prune(root, keep)
@@ -118,11 +118,10 @@ def best_checkpoint(output_dir: str | Path) -> Path | None:
     return path if path.is_dir() and path.name.startswith("step-") else None
 
 
-def best_score_by(checkpoint: Path, score_by: str) -> float | None:
-    """A checkpoint's score when it was scored by ``score_by`` (None: unscored, or scored by
-    another measure, which a score of this kind cannot be compared with). Checkpoints
-    written before ``score_by`` was stored were scored by held-out perplexity."""
-    manifest = read_manifest(checkpoint)
+def manifest_score(manifest: dict[str, Any], score_by: str) -> float | None:
+    """A checkpoint manifest's score when it was scored by ``score_by`` (None: unscored, or
+    scored by another measure, which a score of this kind cannot be compared with).
+    Checkpoints written before ``score_by`` was stored were scored by held-out perplexity."""
     return manifest.get("score") if manifest.get("score_by", "ppl") == score_by else None
 
 

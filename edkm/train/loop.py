@@ -45,9 +45,9 @@ import torch
 from edkm.train import fsdp
 from edkm.train.checkpoint import (
     best_checkpoint,
-    best_score_by,
     latest_checkpoint,
     load_checkpoint,
+    manifest_score,
     read_manifest,
     remove_stale_tmp,
     reset_best,
@@ -338,7 +338,7 @@ def _keep_metrics(path: Path, step: int) -> None:
 def _best_score(out: Path, by: str) -> float:
     """The best checkpoint's score of kind ``by``; inf when there is none to compare with."""
     best = best_checkpoint(out)
-    score = best_score_by(best, by) if best is not None else None
+    score = manifest_score(read_manifest(best), by) if best is not None else None
     return math.inf if score is None else score
 
 
@@ -354,7 +354,7 @@ def _load_best(run: Run, model: torch.nn.Module, step: int, score: float) -> int
     if best is None:
         return step
     manifest = read_manifest(best)
-    best_score = best_score_by(best, by)
+    best_score = manifest_score(manifest, by)
     if manifest["step"] == step or best_score is None or not best_score < score:
         return step
     log.warning("the final model (step %d, held-out %s %.4g) is worse than step %d (%.4g): exporting step %d",

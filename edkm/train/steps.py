@@ -240,14 +240,7 @@ def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, 
 def evaluate(model: torch.nn.Module, heldout: torch.Tensor, acc: Any) -> float:
     """Held-out perplexity of ``model`` (eval mode: hard LUT weights); inf when the mean
     loss is too large for ``exp``."""
-    from edkm.evaluate import perplexity
-
-    try:
-        with acc.autocast():
-            return perplexity(model, heldout.to(acc.device), batch_size=4)
-    except OverflowError:
-        log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
-        return float("inf")
+    return heldout_scores(model, None, heldout, acc, with_kl=False)[0]
 
 
 def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, heldout: torch.Tensor, acc: Any,
@@ -259,16 +252,16 @@ def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, held
         ``(ppl, kl)``: ``kl`` None without ``with_kl``; ``ppl`` inf when the mean loss is too
         large for ``exp``.
     """
-    if not with_kl:
-        return evaluate(model, heldout, acc), None
-    from edkm.evaluate import fidelity
+    from edkm.evaluate import fidelity, perplexity
 
     try:
         with acc.autocast():
+            if not with_kl:
+                return perplexity(model, heldout.to(acc.device), batch_size=4), None
             f = fidelity(model, teacher, heldout.to(acc.device), batch_size=4)
     except OverflowError:
         log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
-        return float("inf"), float("inf")
+        return float("inf"), float("inf") if with_kl else None
     return f.perplexity, f.kl
 
 
