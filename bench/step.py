@@ -171,15 +171,14 @@ def cpu_timed(fn, store: list[float]):
 
 
 def resolved_backend(config: TrainConfig, dkm_model: torch.nn.Module) -> str:
-    """Who runs the table path for the first clustered layer (importance forces torch)."""
+    """Who runs the table path for the first clustered layer (importance keeps it off Triton)."""
     from edkm.functional import resolve_backend
     from edkm.preparation import clustered_layers
 
     for _, module, param in clustered_layers(dkm_model):
-        if getattr(param, "importance", None) is not None:
-            return "torch"
         points = param.points(module.parametrizations.weight.original.detach())
-        return resolve_backend(config.dkm.backend, points, config.dkm.uniquify)
+        backend = resolve_backend(config.dkm.backend, points, config.dkm.uniquify)  # points are cast already
+        return "torch" if backend == "triton" and getattr(param, "importance", None) is not None else backend
     return "none"
 
 

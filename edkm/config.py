@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "c")
 CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
 
 # Module names matched against include/exclude glob patterns (fnmatch). By default the
@@ -67,7 +67,8 @@ class DKMConfig(ConfigDict):
             exactly ``max_iters``.
         uniquify: Compute on the table of distinct weight values (exact, no (N, K) map)
             instead of the naive per-weight (N, K) autograd graph.
-        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA; on the CPU the C table kernels when a C compiler
+            built them, else torch), ``"torch"``, ``"triton"`` or ``"c"`` (`edkm.functional.dkm`).
         shard: Split the DKM work and saved state across data-parallel ranks when
             torch.distributed is initialised (exact; no effect in one process).
         offload: Run the clustering forward under `edkm.offload_saved_tensors` (saved

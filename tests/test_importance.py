@@ -111,7 +111,7 @@ def test_bad_importance_is_an_error():
         dkm(w, c0, tau=TAU, max_iters=2, importance=s[:, :50])
     with pytest.raises(ValueError, match=">= 0"):
         dkm(w, c0, tau=TAU, max_iters=2, importance=-s)
-    with pytest.raises(ValueError, match="torch backend"):
+    with pytest.raises(ValueError, match="torch or C backend"):
         dkm(w.to(torch.bfloat16), c0, tau=TAU, max_iters=2, importance=s, backend="triton")
 
 

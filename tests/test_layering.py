@@ -13,11 +13,11 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"edkm": ROOT / "edkm", "edkm.kernels": ROOT / "kernels"}
+PACKAGE_DIRS = {"edkm": ROOT / "edkm", "edkm.kernels": ROOT / "kernels", "edkm.ckernels": ROOT / "ckernels"}
 
 # First dotted prefix that matches wins; unlisted edkm modules are model-level (rank 3).
 RANKS = [
-    ("edkm.kernels", 0), ("edkm.config", 0), ("edkm.offload", 0),
+    ("edkm.kernels", 0), ("edkm.ckernels", 0), ("edkm.config", 0), ("edkm.offload", 0),
     ("edkm.functional", 1),
     ("edkm.layers", 2),
     ("edkm.train", 4),

@@ -2,8 +2,9 @@
 
 `dkm` is the one entry point; `uniquify` picks the exact table path (`autograd.py` over
 the passes of `table.py`) or the naive (N, K) autograd path (`naive.py`, the spec).
-`backend` picks who runs the table passes: torch (`table.py`), or the Triton kernels of
-`edkm.kernels` (`triton_ops.py`; bf16 / fp16 points with cluster_dim 1 only). Triton is
+`backend` picks who runs the table passes: torch (`passes.py`), the Triton kernels of
+`edkm.kernels` (`triton_backend.py`; bf16 / fp16 points with cluster_dim 1 only, CUDA), or
+the C kernels of `edkm.ckernels` (`c_backend.py`; cluster_dim 1, fp32 math, CPU). Triton is
 imported only when that backend is chosen, so ``import edkm`` works without it.
 `kmeans_init` gives the step-0 centroids; `packing.py` the finalized codes.
 
@@ -13,6 +14,7 @@ imported only when that backend is chosen, so ``import edkm`` works without it.
     table.py      the table path in torch: table build, per-element and table passes
     autograd.py   the autograd Function of the table path (forward and backward)
     triton_backend.py  the Triton kernels behind the same signatures
+    c_backend.py  the C table kernels behind the same signatures (CPU)
     kmeans.py     hard k-means init;  shard.py  data-parallel sharding
     packing.py    nearest-centroid codes and their one packing layout
 """
@@ -26,9 +28,11 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from edkm import ckernels
 from edkm.config import BACKENDS
 from edkm.functional import packing
-from edkm.functional.autograd import TableOps, dkm_table
+from edkm.functional.autograd import TORCH_OPS, TableOps, dkm_table
+from edkm.functional.c_backend import c_ops
 from edkm.functional.kmeans import kmeans_init
 from edkm.functional.naive import dkm_naive
 from edkm.functional.shard import dkm_sharded, sharding_active
@@ -66,9 +70,11 @@ def dkm(
             ``max_iters``).
         uniquify: Table path (exact, never allocates N x K) instead of the naive one.
         backend: Who runs the table path: ``"torch"``, ``"triton"`` (bf16 / fp16 points
-            with d = 1; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), or
-            ``"auto"`` (Triton when it applies, the points are on CUDA and triton is
-            installed; torch otherwise). See `resolve_backend`.
+            with d = 1; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"c"``
+            (the C table kernels: CPU points with d = 1 and fp32 math, i.e. not fp64; one
+            process), or ``"auto"`` (Triton when it applies, the points are on CUDA and
+            triton is installed; C for CPU points it covers when a C compiler built the
+            kernels; torch otherwise). See `resolve_backend`.
         shard: With torch.distributed initialised and several ranks, each rank runs
             DKM on its slice of the points and the centroid sums are all-reduced (exact;
             see `edkm.functional.shard`). Ignored in a single process.
@@ -107,40 +113,62 @@ def dkm(
         if shard and sharding_active():
             raise ValueError("importance-weighted DKM does not support sharding yet; use shard=False")
         if backend == "triton":
-            raise ValueError("importance-weighted DKM runs on the torch backend; use backend='torch' or 'auto'")
+            raise ValueError("importance-weighted DKM runs on the torch or C backend; use backend='torch', 'c' or 'auto'")
         if uniquify:
-            out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), None, imp, cast=cast, rebuild=rebuild)
+            ops = c_ops() if resolve_backend(backend, p, uniquify, dtype=cast) == "c" else TORCH_OPS
+            out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), None, imp, ops, cast=cast,
+                                   rebuild=rebuild)
         else:
             out, new_c = dkm_naive(p, c, float(tau), int(max_iters), float(eps), None, imp)
     elif shard and sharding_active():
+        if backend == "c":
+            raise ValueError("the C table passes run in one process; sharded DKM uses backend='torch' or 'auto'")
         out, new_c = dkm_sharded(p, c, float(tau), int(max_iters), float(eps), uniquify)
-    elif resolve_backend(backend, p, uniquify, dtype=cast) == "triton":
+    elif (chosen := resolve_backend(backend, p, uniquify, dtype=cast)) == "triton":
         ops = triton_ops(deterministic=torch.are_deterministic_algorithms_enabled())
         out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops, cast=cast, rebuild=rebuild)
     elif uniquify:
-        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), cast=cast, rebuild=rebuild)
+        ops = c_ops() if chosen == "c" else TORCH_OPS
+        out, new_c = dkm_table(p, c, float(tau), int(max_iters), float(eps), ops=ops, cast=cast, rebuild=rebuild)
     else:
         out, new_c = dkm_naive(p, c, float(tau), int(max_iters), float(eps))
     return (out, new_c) if grouped else (out[0], new_c[0])
 
 
 def resolve_backend(backend: str, points: Tensor, uniquify: bool = True, dtype: torch.dtype | None = None) -> str:
-    """``"torch"`` or ``"triton"``: who runs DKM on ``points`` (G, N, d), clustered in
-    ``dtype`` (None: their own dtype; `dkm`'s ``cast``).
+    """``"torch"``, ``"triton"`` or ``"c"``: who runs DKM on ``points`` (G, N, d), clustered
+    in ``dtype`` (None: their own dtype; `dkm`'s ``cast``).
 
     ``"auto"`` picks Triton for the table path on bf16 / fp16 CUDA points with d = 1 when
-    triton is installed, torch otherwise. An explicit ``"triton"`` never falls back: it
-    raises ``ValueError`` for a case the kernels do not cover (naive path, fp32 / fp64
-    points, d > 1) and ``RuntimeError`` when triton is missing or the points are on the
-    CPU without ``TRITON_INTERPRET=1``.
+    triton is installed; the C table kernels for CPU points with d = 1 and fp32 math when
+    they built (`edkm.ckernels.available`); torch otherwise. An explicit ``"triton"`` or
+    ``"c"`` never falls back: ``ValueError`` for a case its kernels do not cover (naive path;
+    Triton: fp32 / fp64 points or d > 1; C: fp64 math, d > 1 or non-CPU points) and
+    ``RuntimeError`` when they cannot run (triton missing, CPU points without
+    ``TRITON_INTERPRET=1``; no C compiler).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
+    fp32_math = (dtype or points.dtype) != torch.float64
+    c_covered = uniquify and points.device.type == "cpu" and points.shape[-1] == 1 and fp32_math
+    if backend == "c":
+        if not c_covered:
+            raise ValueError(
+                f"backend='c' covers the table path (uniquify=True) on CPU points with cluster_dim 1 and fp32 math, got "
+                f"{dtype or points.dtype} points on {points.device} with cluster_dim {points.shape[-1]} and "
+                f"uniquify={uniquify}; use backend='torch' or 'auto'"
+            )
+        if not ckernels.available():
+            raise RuntimeError(f"backend='c' could not build the C table kernels: {ckernels.build_error()}; "
+                               "use backend='torch' or 'auto'")
+        return "c"
     covered = uniquify and uses_bit_patterns(points, dtype)
     if backend == "auto":
-        return "triton" if covered and points.is_cuda and _triton_installed() else "torch"
+        if covered and points.is_cuda and _triton_installed():
+            return "triton"
+        return "c" if c_covered and ckernels.available() else "torch"
     if not uniquify:
         raise ValueError("backend='triton' runs the uniquified table path; uniquify=False is the torch reference")
     if not covered:

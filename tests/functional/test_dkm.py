@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerance import assert_equal_fp64, assert_within_rule
 
+from edkm import ckernels
 from edkm.functional import dkm, kmeans_init
 
 TAU = 1e-4
@@ -35,11 +36,15 @@ def _data(n, d, groups, dtype, distinct=None, seed=0):
     return w, g, c0 if groups is not None else c0[0]
 
 
-def _run(w, g, c0, uniquify, **kw):
+def _run(w, g, c0, uniquify, backend="torch", **kw):
+    """Outputs, centroids and gradient of one DKM call; the table path on ``backend``
+    (torch by default: these tests are of the torch passes unless they name the C ones)."""
+    if backend == "c" and not ckernels.available():  # pragma: no cover - CI has gcc
+        pytest.skip(f"C table kernels did not build: {ckernels.build_error()}")
     x = w.clone().requires_grad_(True)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     out, c = dkm(x, c0.to(cdt), tau=kw.get("tau", TAU), max_iters=kw.get("max_iters", 3), eps=kw.get("eps", 0.0),
-                 uniquify=uniquify)
+                 uniquify=uniquify, backend=backend if uniquify else "torch")
     out.backward(g)
     return {"out": out.detach().double(), "centroids": c.double(), "grad": x.grad.double()}
 
@@ -60,14 +65,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,d,groups,dtype,distinct", CASES)
-def test_table_matches_naive_within_rule(n, d, groups, dtype, distinct):
+# The C table kernels (edkm.ckernels) cover d = 1 with fp32 math: every such case runs on both.
+BACKEND_CASES = [(*case, "torch") for case in CASES] + [(*case, "c") for case in CASES if case[1] == 1]
+
+
+@pytest.mark.parametrize("n,d,groups,dtype,distinct,backend", BACKEND_CASES)
+def test_table_matches_naive_within_rule(n, d, groups, dtype, distinct, backend):
     w, g, c0 = _data(n, d, groups, dtype, distinct)
     ref = _run(w.double(), g.double(), c0, uniquify=False)
     naive = _run(w, g, c0, uniquify=False)
-    table = _run(w, g, c0, uniquify=True)
+    table = _run(w, g, c0, uniquify=True, backend=backend)
     for key in ("out", "centroids", "grad"):
-        assert_within_rule(f"table {key} vs naive", table[key], naive[key], ref[key])
+        assert_within_rule(f"table ({backend}) {key} vs naive", table[key], naive[key], ref[key])
 
 
 @pytest.mark.parametrize("n,d,groups,dtype,distinct", CASES)
@@ -178,8 +187,9 @@ def test_property_table_equals_naive_fp64(n, k, d, distinct, iters, log_tau, see
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 2000), k=st.sampled_from([2, 8, 16]), seed=st.integers(0, 2**16), half=st.booleans())
-def test_property_bit_pattern_path_within_rule(n, k, seed, half):
+@given(n=st.integers(1, 2000), k=st.sampled_from([2, 8, 16]), seed=st.integers(0, 2**16), half=st.booleans(),
+       backend=st.sampled_from(["torch", "c"]))
+def test_property_bit_pattern_path_within_rule(n, k, seed, half, backend):
     dtype = torch.float16 if half else torch.bfloat16
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, 1, generator=gen) * 0.02).to(dtype)
@@ -187,9 +197,9 @@ def test_property_bit_pattern_path_within_rule(n, k, seed, half):
     c0 = kmeans_init(w.unsqueeze(0), k, iters=3)[0]
     ref = _run(w.double(), g.double(), c0, uniquify=False)
     naive = _run(w, g, c0, uniquify=False)
-    table = _run(w, g, c0, uniquify=True)
+    table = _run(w, g, c0, uniquify=True, backend=backend)
     for key in ("out", "grad"):
-        assert_within_rule(f"table {key} vs naive", table[key], naive[key], ref[key])
+        assert_within_rule(f"table ({backend}) {key} vs naive", table[key], naive[key], ref[key])
 
 
 def test_kmeans_init_fills_lut_and_is_deterministic():
@@ -201,14 +211,14 @@ def test_kmeans_init_fills_lut_and_is_deterministic():
     torch.testing.assert_close(kmeans_init(x, 8, seed=3), kmeans_init(x, 8, seed=3))
 
 
-@pytest.mark.parametrize("uniquify", [False, True])
-def test_centroid_with_denormal_mass_gives_finite_gradients(uniquify):
+@pytest.mark.parametrize("uniquify,backend", [(False, "torch"), (True, "torch"), (True, "c")])
+def test_centroid_with_denormal_mass_gives_finite_gradients(uniquify, backend):
     # Centroid 2 sits 0.0095 from the weights at 0: its soft weight exp(-0.0095^2/1e-4)
     # ~ 5e-42 is a denormal. Dividing by that mass overflowed 1/mass^2 to inf -> NaN
     # gradients (seen on SmolLM2); such a centroid must count as empty.
     w = torch.tensor([[0.0], [0.0], [1.0], [1.0]], requires_grad=True)
     c0 = torch.tensor([[0.0], [1.0], [0.0975]])
-    out, c = dkm(w, c0, tau=1e-4, max_iters=3, uniquify=uniquify)
+    out, c = dkm(w, c0, tau=1e-4, max_iters=3, uniquify=uniquify, backend=backend)
     out.backward(torch.ones_like(out))
     assert torch.isfinite(w.grad).all() and torch.isfinite(out).all()
     assert c[2, 0].item() == pytest.approx(0.0975)  # kept, not moved by a denormal mass

@@ -1,0 +1,306 @@
+/* Table passes of uniquified DKM on the CPU (d = 1, fp32): the iterations with the row
+ * values, and the backward through the final map and every iteration.
+ *
+ * The math is that of the torch twin, `edkm.functional.passes` (table_forward and
+ * table_bwd), which is the spec the tests hold these kernels to. In torch form, for one
+ * group with table rows v (U,), masses n (U,) and centroids C_t (K,):
+ *
+ *     a_t  = softmax(-(v[:, None] - C_{t-1})**2 / tau, dim=1)             # (U, K)
+ *     C_t  = where(den >= MIN_MASS, (n a_t v).sum(0) / den, C_{t-1}),  den = (n a_t).sum(0)
+ *     rows = a_T @ C_T                                                    # the final map is a_T
+ *     backward: see kernels/table_bwd.py (the Triton kernel of the same math).
+ *
+ * How it runs: one call handles the groups [g0, g1) (the Python launcher spreads groups
+ * over threads); rows go in blocks of LANES, the centroid loop outside and the lane loop
+ * inside, so the compiler vectorises across rows without reordering any sum. exp is
+ * `exp_neg` below. The map of the last iteration is kept in a (U, K) scratch per group
+ * (the final map of the forward, the first map of the backward), so a forward evaluates T
+ * maps and a backward T.
+ *
+ * Window: a softmax entry whose logit is more than EXP_FLOOR below its row's maximum is
+ * exactly 0 here (exp_neg flushes it; the torch path gets 0 or an fp32 denormal, below
+ * 1.2e-38 of the row's largest entry). For each block the kernels find the first and last
+ * centroid index where any lane is above the floor and run exp, the sums and the
+ * gradients on that index range only; entries outside are the zeros the full loop would
+ * have added, so the window changes no bit of any result. With sorted centroids and rows
+ * sorted by value (the table's order) the range is the few centroids near the block:
+ * 82% of the map is exactly 0 for SmolLM2 at 4 bits (bench.sparsity).
+ *
+ * Limits: K <= KMAX; fp32 contiguous arrays (the launcher checks).
+ */
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define KMAX 256
+#define MIN_MASS 1e-6f        /* edkm.functional.iterations.MIN_MASS */
+#define EXP_FLOOR (-87.33f)   /* exp(x) < FLT_MIN (1.18e-38) below this: flushed to 0 */
+
+/* exp(x) for x <= 0, within ~2 ulp of expf: 2^(x log2 e) = 2^n 2^f, |f| <= 1/2, with
+ * 2^f = e^(f ln 2) as its degree-7 Taylor polynomial (truncation < 2e-9 relative). Below
+ * EXP_FLOOR the result is 0. Branch-free, so loops of it vectorise. */
+static inline float exp_neg(float x) {
+    float y = (x < EXP_FLOOR ? EXP_FLOOR : x) * 1.44269504088896341f;
+    float n = (y + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    float t = (y - n) * 0.693147180559945309f;
+    float p = 1.0f + t * (1.0f + t * (0.5f + t * (1.66666667e-1f + t * (4.16666667e-2f
+              + t * (8.33333333e-3f + t * (1.38888889e-3f + t * 1.98412698e-4f))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return x < EXP_FLOOR ? 0.0f : p * scale;
+}
+
+/* One block of rows: load LANES rows from j0 (padding lanes repeat the last row with
+ * zero weight), compute the map a[k][l] of centroids c and return its window [*lo, *hi). */
+static void block_map(const float* v, long U, long j0, long K, const float* c, float inv_tau,
+                      float x[LANES], float diff[KMAX][LANES], float a[KMAX][LANES], long* lo, long* hi) {
+    float zmax[LANES], s[LANES];
+    for (int l = 0; l < LANES; l++) {
+        long j = j0 + l < U ? j0 + l : U - 1;
+        x[l] = v[j];
+        zmax[l] = -FLT_MAX;
+        s[l] = 0.0f;
+    }
+    for (long k = 0; k < K; k++) {
+        float ck = c[k];
+        for (int l = 0; l < LANES; l++) {
+            float d = x[l] - ck;
+            float z = -(d * d) * inv_tau;
+            diff[k][l] = d;
+            a[k][l] = z;
+            zmax[l] = z > zmax[l] ? z : zmax[l];
+        }
+    }
+    long first = K, last = -1;
+    for (long k = 0; k < K; k++) {
+        int live = 0;
+        for (int l = 0; l < LANES; l++) live |= (a[k][l] - zmax[l] >= EXP_FLOOR);
+        if (live) {
+            if (first == K) first = k;
+            last = k;
+        }
+    }
+    for (long k = first; k <= last; k++)
+        for (int l = 0; l < LANES; l++) {
+            float e = exp_neg(a[k][l] - zmax[l]);
+            a[k][l] = e;
+            s[l] += e;
+        }
+    for (int l = 0; l < LANES; l++) s[l] = 1.0f / s[l];
+    for (long k = first; k <= last; k++)
+        for (int l = 0; l < LANES; l++) a[k][l] *= s[l];
+    *lo = first;
+    *hi = last + 1;
+}
+
+/* Lane weights of a block: mass of rows j0.. (0 on padding lanes). */
+static void block_load(const float* src, long U, long j0, float out[LANES]) {
+    for (int l = 0; l < LANES; l++) out[l] = j0 + l < U ? src[j0 + l] : 0.0f;
+}
+
+/* Keep a block's map (window only) in the (blocks, K, LANES) scratch. */
+static void keep_map(float* scratch, long b, long K, long lo, long hi, float a[KMAX][LANES], long* wlo, long* whi) {
+    wlo[b] = lo;
+    whi[b] = hi;
+    for (long k = lo; k < hi; k++) memcpy(scratch + (b * K + k) * LANES, a[k], sizeof(float) * LANES);
+}
+
+static void load_map(const float* scratch, long b, long K, const long* wlo, const long* whi,
+                     float a[KMAX][LANES], long* lo, long* hi) {
+    *lo = wlo[b];
+    *hi = whi[b];
+    for (long k = *lo; k < *hi; k++) memcpy(a[k], scratch + (b * K + k) * LANES, sizeof(float) * LANES);
+}
+
+/* Scratch for one group's kept map: (blocks, K, LANES) floats and two window arrays. */
+typedef struct {
+    float* map;
+    long* lo;
+    long* hi;
+} Scratch;
+
+static int scratch_alloc(Scratch* s, long U, long K) {
+    long blocks = (U + LANES - 1) / LANES;
+    s->map = (float*)malloc(sizeof(float) * (size_t)(blocks * K * LANES));
+    s->lo = (long*)malloc(sizeof(long) * (size_t)blocks);
+    s->hi = (long*)malloc(sizeof(long) * (size_t)blocks);
+    return s->map && s->lo && s->hi;
+}
+
+static void scratch_free(Scratch* s) {
+    free(s->map);
+    free(s->lo);
+    free(s->hi);
+}
+
+/* Forward: T iterations on groups [g0, g1) and, when rows is not NULL, the row values
+ * rows = a_T @ C_T. values, mass (G, U); c0 (G, K); c_hist (G, T+1, K); den_hist (G, T, K);
+ * rows (G, U). Returns 0, or -1 when scratch memory could not be allocated. */
+int edkm_table_forward(const float* values, const float* mass, const float* c0, float* c_hist, float* den_hist,
+                       float* rows, long g0, long g1, long U, long K, long T, float tau) {
+    if (K > KMAX || K < 1 || T < 1) return -2;
+    Scratch sc;
+    if (rows && !scratch_alloc(&sc, U, K)) return -1;
+    float inv_tau = 1.0f / tau;
+    float x[LANES], m[LANES], diff[KMAX][LANES], a[KMAX][LANES];
+    for (long g = g0; g < g1; g++) {
+        const float* v = values + g * U;
+        const float* n = mass + g * U;
+        float* hist = c_hist + g * (T + 1) * K;
+        memcpy(hist, c0 + g * K, sizeof(float) * K);
+        for (long t = 0; t < T; t++) {
+            const float* c = hist + t * K;
+            float num[KMAX][LANES], den[KMAX][LANES];
+            memset(num, 0, sizeof(float) * K * LANES);
+            memset(den, 0, sizeof(float) * K * LANES);
+            int keep = rows && t == T - 1;
+            for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
+                long lo, hi;
+                block_map(v, U, j0, K, c, inv_tau, x, diff, a, &lo, &hi);
+                block_load(n, U, j0, m);
+                for (long k = lo; k < hi; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        float w = a[k][l] * m[l];
+                        num[k][l] += w * x[l];
+                        den[k][l] += w;
+                    }
+                if (keep) keep_map(sc.map, b, K, lo, hi, a, sc.lo, sc.hi);
+            }
+            float* c_new = hist + (t + 1) * K;
+            float* dh = den_hist + (g * T + t) * K;
+            for (long k = 0; k < K; k++) {
+                float nu = 0.0f, de = 0.0f;
+                for (int l = 0; l < LANES; l++) {
+                    nu += num[k][l];
+                    de += den[k][l];
+                }
+                dh[k] = de;
+                c_new[k] = de < MIN_MASS ? c[k] : nu / de;
+            }
+        }
+        if (!rows) continue;
+        const float* c_last = hist + T * K;
+        for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
+            long lo, hi;
+            load_map(sc.map, b, K, sc.lo, sc.hi, a, &lo, &hi);
+            float h[LANES] = {0};
+            for (long k = lo; k < hi; k++)
+                for (int l = 0; l < LANES; l++) h[l] += a[k][l] * c_last[k];
+            for (int l = 0; l < LANES && j0 + l < U; l++) rows[g * U + j0 + l] = h[l];
+        }
+    }
+    if (rows) scratch_free(&sc);
+    return 0;
+}
+
+/* Backward on groups [g0, g1): jac = dh/dv per row with C_{T-1}, C_T fixed, and
+ * shared = R / mass (R: the gradient through the centroids of every iteration; 0 where
+ * mass is 0). values, mass, seg (G, U); c_hist (G, T+1, K); den_hist (G, T, K); jac,
+ * shared (G, U). Returns 0, or -1 when scratch memory could not be allocated. */
+int edkm_table_bwd(const float* values, const float* mass, const float* seg, const float* c_hist,
+                   const float* den_hist, float* jac, float* shared, long g0, long g1, long U, long K, long T,
+                   float tau) {
+    if (K > KMAX || K < 1 || T < 1) return -2;
+    Scratch sc;
+    if (!scratch_alloc(&sc, U, K)) return -1;
+    float inv_tau = 1.0f / tau, k2 = 2.0f / tau;
+    float x[LANES], m[LANES], sv[LANES], diff[KMAX][LANES], a[KMAX][LANES];
+    for (long g = g0; g < g1; g++) {
+        const float* v = values + g * U;
+        const float* n = mass + g * U;
+        const float* hist = c_hist + g * (T + 1) * K;
+        float* r = shared + g * U;
+        float g_c[KMAX], g_map[KMAX];
+        /* final map h = a(v; C_{T-1}) C_T: dL/dC_T, dL/dC_{T-1} through the map, jac */
+        {
+            const float* c_prev = hist + (T - 1) * K;
+            const float* c_last = hist + T * K;
+            float gl[KMAX][LANES], gm[KMAX][LANES];
+            memset(gl, 0, sizeof(float) * K * LANES);
+            memset(gm, 0, sizeof(float) * K * LANES);
+            for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
+                long lo, hi;
+                block_map(v, U, j0, K, c_prev, inv_tau, x, diff, a, &lo, &hi);
+                keep_map(sc.map, b, K, lo, hi, a, sc.lo, sc.hi);
+                block_load(seg + g * U, U, j0, sv);
+                float h[LANES] = {0}, acd[LANES] = {0}, ad[LANES] = {0};
+                for (long k = lo; k < hi; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        float ak = a[k][l];
+                        h[l] += ak * c_last[k];
+                        acd[l] += ak * c_last[k] * diff[k][l];
+                        ad[l] += ak * diff[k][l];
+                    }
+                for (long k = lo; k < hi; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        float sa = sv[l] * a[k][l];
+                        gl[k][l] += sa;
+                        gm[k][l] += sa * (c_last[k] - h[l]) * diff[k][l];
+                    }
+                for (int l = 0; l < LANES && j0 + l < U; l++) {
+                    jac[g * U + j0 + l] = -k2 * (acd[l] - h[l] * ad[l]);
+                    r[j0 + l] = 0.0f;
+                }
+            }
+            for (long k = 0; k < K; k++) {
+                float s1 = 0.0f, s2 = 0.0f;
+                for (int l = 0; l < LANES; l++) {
+                    s1 += gl[k][l];
+                    s2 += gm[k][l];
+                }
+                g_c[k] = s1;
+                g_map[k] = k2 * s2;
+            }
+        }
+        /* iteration t = T..1: C_t = num / den of the map a(v; C_{t-1}) */
+        for (long t = T; t >= 1; t--) {
+            const float* c_prev = hist + (t - 1) * K;
+            const float* c_t = hist + t * K;
+            const float* den = den_hist + (g * T + t - 1) * K;
+            float e[KMAX]; /* dL/dnum; dL/dden = -e C_t */
+            for (long k = 0; k < K; k++) e[k] = den[k] >= MIN_MASS ? g_c[k] / den[k] : 0.0f;
+            float gp[KMAX][LANES];
+            memset(gp, 0, sizeof(float) * K * LANES);
+            for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
+                long lo, hi;
+                if (t == T) {
+                    load_map(sc.map, b, K, sc.lo, sc.hi, a, &lo, &hi);
+                    for (int l = 0; l < LANES; l++) x[l] = v[j0 + l < U ? j0 + l : U - 1];
+                    for (long k = lo; k < hi; k++)
+                        for (int l = 0; l < LANES; l++) diff[k][l] = x[l] - c_prev[k];
+                } else {
+                    block_map(v, U, j0, K, c_prev, inv_tau, x, diff, a, &lo, &hi);
+                }
+                block_load(n, U, j0, m);
+                float aga[LANES] = {0}, ae[LANES] = {0}, gzd_sum[LANES] = {0};
+                float ga[KMAX][LANES];
+                for (long k = lo; k < hi; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        float g_a = m[l] * e[k] * (x[l] - c_t[k]); /* dL/da = n e_k (v - C_t,k) */
+                        ga[k][l] = g_a;
+                        aga[l] += a[k][l] * g_a;
+                        ae[l] += a[k][l] * e[k];
+                    }
+                for (long k = lo; k < hi; k++)
+                    for (int l = 0; l < LANES; l++) {
+                        float gzd = a[k][l] * (ga[k][l] - aga[l]) * diff[k][l]; /* softmax backward x diff */
+                        gzd_sum[l] += gzd;
+                        gp[k][l] += gzd;
+                    }
+                for (int l = 0; l < LANES && j0 + l < U; l++) r[j0 + l] += m[l] * ae[l] - k2 * gzd_sum[l];
+            }
+            for (long k = 0; k < K; k++) {
+                float s = 0.0f;
+                for (int l = 0; l < LANES; l++) s += gp[k][l];
+                float pass = den[k] >= MIN_MASS ? 0.0f : g_c[k]; /* an empty centroid passes through */
+                g_c[k] = k2 * s + pass + (t == T ? g_map[k] : 0.0f);
+            }
+        }
+        for (long j = 0; j < U; j++) r[j] = n[j] > 0.0f ? r[j] / n[j] : r[j];
+    }
+    scratch_free(&sc);
+    return 0;
+}

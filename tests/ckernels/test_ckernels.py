@@ -1,0 +1,162 @@
+"""The C table kernels (`edkm.ckernels`) against their torch twins (`edkm.functional.passes`).
+
+Tolerance: the one rule of tests/tolerance.py. Every fp32 output (centroid history,
+denominators, row values, Jacobian, shared gradient) is compared with an fp64 run of the
+torch twin on the same inputs; its error may be at most twice the fp32 torch twin's own
+error plus 1e-5. End-to-end gradients through `dkm(backend="c")` against the naive spec
+are in tests/functional/test_dkm.py; importance-weighted ones in tests/test_importance.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tolerance import assert_within_rule
+
+from edkm import ckernels
+from edkm.functional import dkm, kmeans_init, passes
+from edkm.functional import table as tbl
+
+TAU = 1e-4
+# (groups, table rows, centroids, iterations): SmolLM2's 4-row groups scaled down, one
+# per-tensor table, an odd one, 3-bit and 1-centroid LUTs.
+SHAPES = [(6, 700, 16, 3), (1, 4097, 8, 3), (3, 333, 5, 1), (2, 65, 1, 2), (4, 17, 16, 4)]
+
+if not ckernels.available():  # pragma: no cover - CI has gcc; a machine without a compiler skips with why
+    pytest.skip(f"C table kernels did not build: {ckernels.build_error()}", allow_module_level=True)
+
+
+def _table(G: int, U: int, K: int, seed: int = 0, importance: bool = False):
+    """A real table (distinct bf16 values of LLaMA-like weights, std 0.02) with its
+    masses, k-means start centroids and an upstream row gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(G, 3 * U, 1, generator=gen) * 0.02).to(torch.bfloat16)
+    w[:, :4, 0] = torch.tensor([0.0, -0.0, 0.25, -0.25])  # a zero row and outliers far from every centroid
+    t = tbl.build_table(w)
+    mass = t.counts if not importance else t.counts * torch.rand(t.counts.shape, generator=gen) * 2
+    c0 = kmeans_init(w, K, iters=3)
+    seg = torch.randn(t.values.shape, generator=gen) * (t.counts > 0).unsqueeze(-1)
+    return t.values, mass, c0, seg
+
+
+def _c(x: torch.Tensor) -> torch.Tensor:
+    return x[..., 0].contiguous()
+
+
+@pytest.mark.parametrize("importance", [False, True], ids=["counts", "importance"])
+@pytest.mark.parametrize("G,U,K,T", SHAPES)
+def test_forward_matches_torch_twin_within_rule(G, U, K, T, importance):
+    values, mass, c0, _ = _table(G, U, K, importance=importance)
+    ref = passes.table_forward(values.double(), mass.double(), c0.double(), TAU, T)
+    twin = passes.table_forward(values, mass, c0, TAU, T)
+    got = ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, T)
+    for name, g, t, r in zip(("c_hist", "den_hist", "rows"), got, twin, ref):
+        assert_within_rule(f"c {name}", g.reshape(t.shape), t, r)
+    hist, dens = ckernels.c_table_iterate(_c(values), mass, _c(c0), TAU, T)
+    assert torch.equal(hist, got[0]) and torch.equal(dens, got[1])
+
+
+@pytest.mark.parametrize("importance", [False, True], ids=["counts", "importance"])
+@pytest.mark.parametrize("G,U,K,T", SHAPES)
+def test_backward_matches_torch_twin_within_rule(G, U, K, T, importance):
+    values, mass, c0, seg = _table(G, U, K, seed=1, importance=importance)
+    c_hist, den_hist, _ = passes.table_forward(values, mass, c0, TAU, T)
+    ref = passes.table_bwd(values.double(), mass.double(), seg.double(), c_hist.double(), den_hist.double(), TAU)
+    twin = passes.table_bwd(values, mass, seg, c_hist, den_hist, TAU)
+    got = ckernels.c_table_bwd(_c(values), mass, _c(seg), _c(c_hist), den_hist, TAU)
+    for name, g, t, r in zip(("jac", "shared"), got, twin, ref):
+        assert_within_rule(f"c {name}", g.reshape(t.shape), t, r)
+
+
+def test_unsorted_and_empty_centroids():
+    """The window assumes nothing about centroid order (shuffled centroids: same math), and a
+    centroid far from every row (zero mass) keeps its value and passes its gradient through."""
+    values, mass, c0, seg = _table(3, 500, 8, seed=2)
+    c0 = c0[:, torch.randperm(8, generator=torch.Generator().manual_seed(0))].clone()
+    c0[:, 3] = 5.0  # nowhere near the weights: soft mass exactly 0
+    T = 3
+    ref = passes.table_forward(values.double(), mass.double(), c0.double(), TAU, T)
+    twin = passes.table_forward(values, mass, c0, TAU, T)
+    got = ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, T)
+    for name, g, t, r in zip(("c_hist", "den_hist", "rows"), got, twin, ref):
+        assert_within_rule(f"c {name}", g.reshape(t.shape), t, r)
+    assert (got[0][:, :, 3] == 5.0).all() and (got[1][:, :, 3] == 0).all()
+    bref = passes.table_bwd(values.double(), mass.double(), seg.double(), ref[0], ref[1], TAU)
+    btwin = passes.table_bwd(values, mass, seg, twin[0], twin[1], TAU)
+    bgot = ckernels.c_table_bwd(_c(values), mass, _c(seg), _c(twin[0]), twin[1], TAU)
+    for name, g, t, r in zip(("jac", "shared"), bgot, btwin, bref):
+        assert_within_rule(f"c {name}", g.reshape(t.shape), t, r)
+
+
+def test_threads_change_no_bit():
+    """Groups are independent: spreading them over threads gives the same bits as one thread."""
+    values, mass, c0, seg = _table(16, 300, 16, seed=3)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, 3)
+        one_b = ckernels.c_table_bwd(_c(values), mass, _c(seg), one[0], one[1], TAU)
+        torch.set_num_threads(2)
+        two = ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, 3)
+        two_b = ckernels.c_table_bwd(_c(values), mass, _c(seg), two[0], two[1], TAU)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip((*one, *one_b), (*two, *two_b)):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_name_the_value():
+    values, mass, c0, seg = _table(2, 50, 4)
+    with pytest.raises(ValueError, match="float64"):
+        ckernels.c_table_forward(_c(values).double(), mass, _c(c0), TAU, 2)
+    with pytest.raises(ValueError, match=r"\(2, 4\)"):
+        ckernels.c_table_forward(_c(values), mass, torch.zeros(3, 4), TAU, 2)
+    with pytest.raises(ValueError, match="K=300"):
+        ckernels.c_table_forward(_c(values), mass, torch.zeros(2, 300), TAU, 2)
+    with pytest.raises(ValueError, match="n_iters=0"):
+        ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ckernels.c_table_bwd(_c(values).t().contiguous().t(), mass, _c(seg), torch.zeros(2, 3, 4), torch.ones(2, 2, 4), TAU)
+    w = torch.randn(100, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fp32 math"):
+        dkm(w, w[:4].clone(), tau=TAU, max_iters=1, backend="c")
+    with pytest.raises(ValueError, match="cluster_dim 2"):
+        dkm(torch.randn(100, 2), torch.randn(4, 2), tau=TAU, max_iters=1, backend="c")
+
+
+def test_missing_compiler_is_a_named_error_and_auto_falls_back(tmp_path):
+    """Without a compiler: ``backend='c'`` raises naming the compiler, ``'auto'`` runs torch."""
+    code = (
+        "import torch\n"
+        "from edkm import ckernels\n"
+        "from edkm.functional import dkm, resolve_backend\n"
+        "w = torch.randn(64, 1).to(torch.bfloat16)\n"
+        "assert not ckernels.available() and 'edkm-no-such-cc' in ckernels.build_error()\n"
+        "assert resolve_backend('auto', w.unsqueeze(0)) == 'torch'\n"
+        "dkm(w, w[:4].float(), tau=1e-4, max_iters=1)\n"
+        "try:\n"
+        "    dkm(w, w[:4].float(), tau=1e-4, max_iters=1, backend='c')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'edkm-no-such-cc' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "CC": "edkm-no-such-cc", "EDKM_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_build_is_cached_per_source_and_cpu(tmp_path):
+    """A fresh cache compiles once into ``ckernels/table-<key>.so``; the path names the key."""
+    env = {**os.environ, "EDKM_CACHE_DIR": str(tmp_path)}
+    code = "from edkm import ckernels; assert ckernels.available(), ckernels.build_error(); print(ckernels.library_path())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    path = done.stdout.strip()
+    assert path.startswith(str(tmp_path / "ckernels" / "table-")) and os.path.exists(path)
+    assert [p.name for p in (tmp_path / "ckernels").iterdir()] == [os.path.basename(path)]  # no temp files left
