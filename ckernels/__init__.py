@@ -8,6 +8,14 @@ per machine with the system C compiler, loads it with ctypes and launches it. Ea
     c_table_iterate(values, mass, c0, tau, n_iters)   -> (c_hist, den_hist)
     c_table_bwd(values, mass, seg, c_hist, den_hist, tau) -> (jac, shared)
 
+and `patterns.c` the per-element passes of 16-bit points keyed by their bit pattern (twins in
+`edkm.functional.table`; no per-element index is stored, each pass maps patterns to rows):
+
+    c_unique_patterns(points)                 -> (keys, counts)       the table build
+    c_segment_sum(points, keys, src)          -> (G, U) sums
+    c_gather_rows(points, keys, rows)         -> (G, N) 16-bit
+    c_element_grad(points, keys, grad, jac, shared, scale) -> (G, N) fp32
+
 Shapes (d = 1): values, mass, seg, rows, jac, shared (G, U); c0 (G, K); c_hist
 (G, T+1, K); den_hist (G, T, K); fp32 CPU tensors, K <= 256. Groups are spread over
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL during the call).
@@ -37,11 +45,23 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("table.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("table.c", "patterns.c"))
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
 KMAX = 256  # table.c's KMAX
 # Groups per thread task: enough work (~1 ms at SmolLM2 shapes) to amortise a ctypes call.
 MIN_GROUPS_PER_TASK = 4
+
+_P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+_SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c)
+    "edkm_table_forward": [_P] * 6 + [_L] * 5 + [ctypes.c_float],
+    "edkm_table_bwd": [_P] * 7 + [_L] * 5 + [ctypes.c_float],
+    "edkm_unique_patterns": [_P, _L, _L, _P, _P, _P, _L, _L],
+    "edkm_segment_sum": [_P, _P, _P, _I, _P] + [_L] * 5,
+    "edkm_gather_rows": [_P] * 4 + [_L] * 5,
+    "edkm_element_grad": [_P, _P, _P, _I] + [_P] * 4 + [_L] * 5,
+}
+# Value kinds of patterns.c.
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -63,7 +83,7 @@ def _cpu_key() -> str:
 def library_path() -> Path:
     """Where the compiled kernels are (or will be) cached for this source, compiler and CPU."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, FLAGS, _cpu_key())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + repr((cc, FLAGS, _cpu_key())).encode()).hexdigest()[:16]
     root = Path(os.environ.get("EDKM_CACHE_DIR", "~/.cache/edkm")).expanduser()
     return root / "ckernels" / f"table-{key}.so"
 
@@ -76,9 +96,11 @@ def _compile(dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.stem, suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
+                              timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE} (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} failed on {[f.name for f in SOURCES]} (exit {done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
         os.replace(tmp, dest)  # atomic: another process sees the old file or the whole new one
     finally:
         if os.path.exists(tmp):
@@ -96,10 +118,9 @@ def _library() -> ctypes.CDLL | None:
                 log.info("compiling the C table kernels into %s", path)
                 _compile(path)
             lib = ctypes.CDLL(str(path))
-            for name, n_ptr in (("edkm_table_forward", 6), ("edkm_table_bwd", 7)):
+            for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
-                fn.argtypes = [ctypes.c_void_p] * n_ptr + [ctypes.c_long] * 5 + [ctypes.c_float]
-                fn.restype = ctypes.c_int
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             _state["error"] = str(err)
             log.warning("C table kernels unavailable (%s); the torch table passes run instead", err)
@@ -136,14 +157,13 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
-def _run(fn, ptrs: list[Tensor | None], G: int, dims: tuple[int, int, int], tau: float) -> None:
-    """Call ``fn(ptrs..., g0, g1, U, K, T, tau)`` over slices of the G groups, in threads."""
+def _run(fn, G: int, args) -> None:
+    """Call ``fn(*args(g0, g1))`` over slices [g0, g1) of the G groups, in threads."""
     threads = max(1, min(torch.get_num_threads(), G // MIN_GROUPS_PER_TASK))
     step = -(-G // threads)
-    args = [_ptr(t) for t in ptrs]
 
     def call(g0: int) -> int:
-        return fn(*args, g0, min(g0 + step, G), *dims, ctypes.c_float(tau))
+        return fn(*args(g0, min(g0 + step, G)))
 
     if threads == 1:
         codes = [call(0)]
@@ -151,9 +171,15 @@ def _run(fn, ptrs: list[Tensor | None], G: int, dims: tuple[int, int, int], tau:
         with ThreadPoolExecutor(threads) as pool:
             codes = list(pool.map(call, range(0, G, step)))
     if any(c == -1 for c in codes):
-        raise MemoryError("C table kernels: could not allocate the per-group map scratch")
+        raise MemoryError(f"C kernel {fn.__name__}: could not allocate its scratch memory")
     if any(c != 0 for c in codes):
-        raise ValueError(f"C table kernels rejected the shapes (U, K, T) = {dims} (K <= {KMAX}, T >= 1)")
+        raise ValueError(f"C kernel {fn.__name__} rejected its arguments (K <= {KMAX}, T >= 1)")
+
+
+def _table_args(tensors: list[Tensor | None], dims: tuple[int, int, int], tau: float):
+    """Arguments of the table kernels: pointers, g0, g1, U, K, T, tau."""
+    ptrs = [_ptr(t) for t in tensors]
+    return lambda g0, g1: (*ptrs, g0, g1, *dims, ctypes.c_float(tau))
 
 
 def _forward(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int, rows: bool
@@ -169,7 +195,7 @@ def _forward(values: Tensor, mass: Tensor, c0: Tensor, tau: float, n_iters: int,
     c_hist = torch.empty(G, n_iters + 1, K, dtype=torch.float32)
     den_hist = torch.empty(G, n_iters, K, dtype=torch.float32)
     out = torch.empty(G, U, dtype=torch.float32) if rows else None
-    _run(lib.edkm_table_forward, [values, mass, c0, c_hist, den_hist, out], G, (U, K, n_iters), tau)
+    _run(lib.edkm_table_forward, G, _table_args([values, mass, c0, c_hist, den_hist, out], (U, K, n_iters), tau))
     return c_hist, den_hist, out
 
 
@@ -213,8 +239,118 @@ def c_table_bwd(values: Tensor, mass: Tensor, seg: Tensor, c_hist: Tensor, den_h
         raise ValueError(f"C table kernels take 1 <= K <= {KMAX} centroids and >= 1 iteration, got K={K}, T={T}")
     lib = _require()
     jac, shared = (torch.empty(G, U, dtype=torch.float32) for _ in range(2))
-    _run(lib.edkm_table_bwd, [values, mass, seg, c_hist, den_hist, jac, shared], G, (U, K, T), tau)
+    _run(lib.edkm_table_bwd, G, _table_args([values, mass, seg, c_hist, den_hist, jac, shared], (U, K, T), tau))
     return jac, shared
 
 
-__all__ = ["available", "build_error", "c_table_bwd", "c_table_forward", "c_table_iterate", "library_path"]
+def _check16(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16) or tuple(t.shape) != shape \
+            or not t.is_contiguous():
+        raise ValueError(f"{name}: want a contiguous bf16 / fp16 CPU tensor of shape {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+
+
+def _check_keys(keys: Tensor, G: int) -> int:
+    if keys.dtype != torch.int64 or keys.dim() != 2 or keys.shape[0] != G or not keys.is_contiguous():
+        raise ValueError(f"keys: want contiguous (G={G}, U) int64 row patterns, got {keys.dtype} {tuple(keys.shape)}")
+    return keys.shape[1]
+
+
+def c_unique_patterns(points: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted distinct 16-bit patterns of every group and their counts.
+
+    Args:
+        points: (G, N) bf16 / fp16.
+    Returns:
+        ``(keys, counts)``: (G, U) int64 patterns in [0, 65535] in increasing order, padded
+        with -1 to the largest group's U, and (G, U) fp32 counts (0 on padding).
+    """
+    G, N = points.shape
+    _check16("points", points, (G, N))
+    lib = _require()
+    ukeys = torch.empty(G, N, dtype=torch.int16)
+    ucount = torch.empty(G, N, dtype=torch.int32)
+    n_rows = torch.empty(G, dtype=torch.int64)
+    ptrs = [_ptr(t) for t in (points, ukeys, ucount, n_rows)]
+    _run(lib.edkm_unique_patterns, G, lambda g0, g1: (ptrs[0], G, N, *ptrs[1:], g0, g1))
+    U = int(n_rows.max())
+    live = torch.arange(U) < n_rows.unsqueeze(1)  # (G, U)
+    keys = torch.where(live, ukeys[:, :U].to(torch.int64) & 0xFFFF, -1)
+    counts = torch.where(live, ucount[:, :U].to(torch.float32), 0.0)
+    return keys, counts
+
+
+def c_segment_sum(points: Tensor, keys: Tensor, src: Tensor) -> Tensor:
+    """``S[g, j] = sum of src[g, i] over the points i of group g whose pattern is keys[g, j]``.
+
+    Args:
+        points: (G, N) bf16 / fp16. keys: (G, U) int64 sorted row patterns (-1 padding).
+        src: (G, N) fp32 / bf16 / fp16 values.
+    Returns:
+        (G, U) fp32 sums (0 on padding rows).
+    """
+    G, N = points.shape
+    _check16("points", points, (G, N))
+    U = _check_keys(keys, G)
+    if src.dtype not in _KINDS or tuple(src.shape) != (G, N) or not src.is_contiguous():
+        raise ValueError(f"src: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {src.dtype} "
+                         f"{tuple(src.shape)}")
+    lib = _require()
+    out = torch.empty(G, U, dtype=torch.float32)
+    ptrs = [_ptr(t) for t in (points, keys, src)]
+    _run(lib.edkm_segment_sum, G, lambda g0, g1: (*ptrs, _KINDS[src.dtype], _ptr(out), G, N, U, g0, g1))
+    return out
+
+
+def c_gather_rows(points: Tensor, keys: Tensor, rows: Tensor) -> Tensor:
+    """``out[g, i] = rows[g, j]`` for the row j of point i, in ``points.dtype``.
+
+    Args:
+        points: (G, N) bf16 / fp16. keys: (G, U) int64 row patterns. rows: (G, U) any float
+            dtype (cast to ``points.dtype`` first: U casts, not N).
+    Returns:
+        (G, N) in ``points.dtype``.
+    """
+    G, N = points.shape
+    _check16("points", points, (G, N))
+    U = _check_keys(keys, G)
+    if tuple(rows.shape) != (G, U):
+        raise ValueError(f"rows: want shape (G, U) = {(G, U)}, got {tuple(rows.shape)}")
+    lib = _require()
+    rows16 = rows.to(points.dtype).contiguous()
+    out = torch.empty_like(points)
+    ptrs = [_ptr(t) for t in (points, keys, rows16, out)]
+    _run(lib.edkm_gather_rows, G, lambda g0, g1: (*ptrs, G, N, U, g0, g1))
+    return out
+
+
+def c_element_grad(points: Tensor, keys: Tensor, grad: Tensor, jac: Tensor, shared: Tensor,
+                   scale: Tensor | None = None) -> Tensor:
+    """``dW[g, i] = grad[g, i] * jac[g, j] + s[g, i] * shared[g, j]`` for the row j of point i.
+
+    Args:
+        points: (G, N) bf16 / fp16. keys: (G, U) int64 row patterns. grad: (G, N) fp32 /
+            bf16 / fp16. jac, shared: (G, U) fp32. scale: (G, N) fp32 importance or None (1).
+    Returns:
+        (G, N) fp32 (the caller casts).
+    """
+    G, N = points.shape
+    _check16("points", points, (G, N))
+    U = _check_keys(keys, G)
+    if grad.dtype not in _KINDS or tuple(grad.shape) != (G, N) or not grad.is_contiguous():
+        raise ValueError(f"grad: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {grad.dtype} "
+                         f"{tuple(grad.shape)}")
+    for name, t in (("jac", jac), ("shared", shared)):
+        _check(name, t, (G, U))
+    if scale is not None:
+        _check("scale", scale, (G, N))
+    lib = _require()
+    out = torch.empty(G, N, dtype=torch.float32)
+    ptrs = [_ptr(t) for t in (points, keys, grad)]
+    rest = [_ptr(t) for t in (jac, shared, scale, out)]
+    _run(lib.edkm_element_grad, G, lambda g0, g1: (*ptrs, _KINDS[grad.dtype], *rest, G, N, U, g0, g1))
+    return out
+
+
+__all__ = ["available", "build_error", "c_element_grad", "c_gather_rows", "c_segment_sum", "c_table_bwd", "c_table_forward",
+           "c_table_iterate", "c_unique_patterns", "library_path"]

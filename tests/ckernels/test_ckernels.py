@@ -160,3 +160,74 @@ def test_build_is_cached_per_source_and_cpu(tmp_path):
     path = done.stdout.strip()
     assert path.startswith(str(tmp_path / "ckernels" / "table-")) and os.path.exists(path)
     assert [p.name for p in (tmp_path / "ckernels").iterdir()] == [os.path.basename(path)]  # no temp files left
+
+
+# ----------------------------------------------------------------- per-element passes
+
+ELEMENT_SHAPES = [(5, 2304), (1, 70001), (3, 333)]  # SmolLM2 4-row groups, a per-tensor one, odd
+
+
+def _points(G: int, N: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, N, 1) 16-bit LLaMA-like points with edge patterns, and a (G, N, 1) gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(G, N, 1, generator=gen) * 0.02
+    w[:, :6, 0] = torch.tensor([0.0, -0.0, 1e-6, -3e-8, 0.25, -0.25])  # zeros, subnormal in fp16, outliers
+    g = torch.randn(G, N, 1, generator=gen)
+    g[:, 1] = 1e-40
+    return w.to(dtype), g
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,N", ELEMENT_SHAPES)
+def test_build_is_the_torch_table_bit_for_bit(G, N, dtype):
+    from edkm.functional.c_backend import c_ops
+
+    points, _ = _points(G, N, dtype)
+    want, got = tbl.build_table(points), c_ops().build(points)
+    for name in ("values", "counts", "keys"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert got.bit_pattern
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,N", ELEMENT_SHAPES)
+def test_per_element_passes_match_torch_twins(G, N, dtype):
+    """Gather: bit-exact (the same cast of the same row). Segment sums: within the rule
+    against fp64 (the same point order; the C sum is in fp32 as torch's). Element gradient:
+    at most 1 ulp of the 16-bit result (an FMA may round the fp32 value once less)."""
+    from tolerance import assert_ulps
+
+    from edkm.functional.c_backend import c_ops
+
+    ops = c_ops()
+    points, g = _points(G, N, dtype, seed=4)
+    table = tbl.build_table(points)
+    U = table.values.shape[1]
+    t_index, c_index = table.index(), ops.index(table)
+    g16 = g.to(dtype)
+    rows = torch.randn(G, U, 1, generator=torch.Generator().manual_seed(5)) * 0.02
+    assert torch.equal(ops.gather_rows(points, c_index, rows), tbl.gather_rows(points, t_index, rows))
+    for src in (g16, g, torch.rand(G, N, 1)):
+        ref = tbl.segment_sum(points, src.double(), t_index, U)
+        assert_within_rule("c segment_sum", ops.segment_sum(points, src, c_index, U),
+                           tbl.segment_sum(points, src, t_index, U), ref)
+    jac, shared = torch.randn(G, U) * 100, torch.randn(G, U, 1)
+    scale = torch.rand(G, N) + 0.5
+    for s in (None, scale):
+        want = tbl.element_grad(points, g16, t_index, jac, shared, s)
+        got = ops.element_grad(points, g16, c_index, jac, shared, s)
+        assert_ulps("c element_grad", got, want, 1)
+
+
+def test_per_element_bad_inputs_name_the_value():
+    points, g = _points(2, 100, torch.bfloat16)
+    keys = tbl.build_table(points).keys
+    with pytest.raises(ValueError, match="torch.float32"):
+        ckernels.c_unique_patterns(points[..., 0].float())
+    with pytest.raises(ValueError, match="int32"):
+        ckernels.c_segment_sum(points[..., 0], keys.to(torch.int32), g[..., 0])
+    with pytest.raises(ValueError, match=r"\(2, 100\)"):
+        ckernels.c_segment_sum(points[..., 0], keys, g[:, :50, 0].contiguous())
+    with pytest.raises(ValueError, match="rows"):
+        ckernels.c_gather_rows(points[..., 0], keys, torch.zeros(2, keys.shape[1] + 1))

@@ -1,0 +1,145 @@
+/* Per-element passes of uniquified DKM on the CPU: 16-bit points keyed by their bit pattern.
+ *
+ * The torch twins are in `edkm.functional.table` (pattern_histogram + table_from_histogram,
+ * segment_sum, gather_rows, element_grad). In torch form, for one group with 16-bit points
+ * p (N,) (their int16 view), table keys (U,) (sorted distinct patterns, -1 padding) and
+ * row(i) = the j with keys[j] == p[i]:
+ *
+ *     build:        keys, counts = unique(p, sorted=True, return_counts=True)
+ *     segment_sum:  S[j]  = sum_{row(i) = j} grad[i]            (fp32 accumulation)
+ *     gather_rows:  out[i] = rows16[row(i)]                      (rows already cast to 16 bits)
+ *     element_grad: dW[i] = grad[i] * jac[row(i)] + s[i] * shared[row(i)]   (fp32 out)
+ *
+ * Nothing per element is stored: every pass maps patterns to rows through a 65536-entry
+ * lookup filled from the group's keys (256 KB per thread, cache-resident). Sums over the
+ * points of a row run in point order, as torch's scatter_add does.
+ *
+ * Value kinds (the `kind` arguments): 0 fp32, 1 bf16, 2 fp16 (exact conversion to fp32).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N_PATTERNS 65536
+
+static inline float bits_to_f32(uint32_t b) {
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* fp16 bits -> fp32, exact (normals, subnormals, zeros, inf, nan). */
+static inline float half_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return bits_to_f32(sign | 0x7F800000u | (man << 13));
+    if (exp != 0) return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+    /* subnormal: man * 2^-24, exact in fp32 */
+    float v = (float)man * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+}
+
+static inline float load_value(const void* src, long i, int kind) {
+    if (kind == 0) return ((const float*)src)[i];
+    uint16_t b = ((const uint16_t*)src)[i];
+    return kind == 1 ? bits_to_f32((uint32_t)b << 16) : half_to_f32(b);
+}
+
+/* Distinct patterns of each group of [g0, g1), sorted, with their counts, compacted into
+ * ukeys / ucount (G, N) (the first n_rows[g] entries of row g); n_rows (G,). */
+int edkm_unique_patterns(const uint16_t* pts, long G, long N, uint16_t* ukeys, int32_t* ucount, int64_t* n_rows,
+                         long g0, long g1) {
+    (void)G;
+    int32_t* cnt = (int32_t*)calloc(N_PATTERNS, sizeof(int32_t));
+    uint16_t* seen = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(N < N_PATTERNS ? N : N_PATTERNS));
+    uint16_t* tmp = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(N < N_PATTERNS ? N : N_PATTERNS));
+    if (!cnt || !seen || !tmp) {
+        free(cnt), free(seen), free(tmp);
+        return -1;
+    }
+    for (long g = g0; g < g1; g++) {
+        const uint16_t* p = pts + g * N;
+        long u = 0;
+        for (long i = 0; i < N; i++)
+            if (cnt[p[i]]++ == 0) seen[u++] = p[i];
+        /* sort the u distinct patterns: LSD radix sort, two 8-bit digits */
+        uint16_t *src = seen, *dst = tmp;
+        for (int shift = 0; shift < 16; shift += 8) {
+            long bucket[257] = {0};
+            for (long j = 0; j < u; j++) bucket[((src[j] >> shift) & 0xFF) + 1]++;
+            for (int b = 0; b < 256; b++) bucket[b + 1] += bucket[b];
+            for (long j = 0; j < u; j++) dst[bucket[(src[j] >> shift) & 0xFF]++] = src[j];
+            uint16_t* t = src;
+            src = dst;
+            dst = t;
+        }
+        for (long j = 0; j < u; j++) {
+            ukeys[g * N + j] = src[j];
+            ucount[g * N + j] = cnt[src[j]];
+            cnt[src[j]] = 0;
+        }
+        n_rows[g] = u;
+    }
+    free(cnt), free(seen), free(tmp);
+    return 0;
+}
+
+/* Fill the lookup pattern -> row from one group's keys (int64, padding -1). */
+static void fill_lookup(int32_t* lut, const int64_t* keys, long U) {
+    for (long j = 0; j < U && keys[j] >= 0; j++) lut[keys[j]] = (int32_t)j;
+}
+
+/* S (G, U) fp32 = per-row sums of src (G, N) of `kind`. */
+int edkm_segment_sum(const uint16_t* pts, const int64_t* keys, const void* src, int kind, float* out, long G, long N,
+                     long U, long g0, long g1) {
+    (void)G;
+    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    if (!lut) return -1;
+    for (long g = g0; g < g1; g++) {
+        fill_lookup(lut, keys + g * U, U);
+        float* s = out + g * U;
+        memset(s, 0, sizeof(float) * (size_t)U);
+        const uint16_t* p = pts + g * N;
+        for (long i = 0; i < N; i++) s[lut[p[i]]] += load_value(src, g * N + i, kind);
+    }
+    free(lut);
+    return 0;
+}
+
+/* out (G, N) 16-bit = rows16 (G, U)[row(i)]. */
+int edkm_gather_rows(const uint16_t* pts, const int64_t* keys, const uint16_t* rows16, uint16_t* out, long G, long N,
+                     long U, long g0, long g1) {
+    (void)G;
+    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    if (!lut) return -1;
+    for (long g = g0; g < g1; g++) {
+        fill_lookup(lut, keys + g * U, U);
+        const uint16_t* p = pts + g * N;
+        const uint16_t* r = rows16 + g * U;
+        uint16_t* o = out + g * N;
+        for (long i = 0; i < N; i++) o[i] = r[lut[p[i]]];
+    }
+    free(lut);
+    return 0;
+}
+
+/* out (G, N) fp32 = grad * jac[row] + scale * shared[row]; grad of `kind`; scale (G, N) fp32 or NULL (1). */
+int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad, int kind, const float* jac,
+                      const float* shared, const float* scale, float* out, long G, long N, long U, long g0, long g1) {
+    (void)G;
+    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    if (!lut) return -1;
+    for (long g = g0; g < g1; g++) {
+        fill_lookup(lut, keys + g * U, U);
+        const uint16_t* p = pts + g * N;
+        const float* J = jac + g * U;
+        const float* R = shared + g * U;
+        float* o = out + g * N;
+        for (long i = 0; i < N; i++) {
+            int32_t j = lut[p[i]];
+            float sh = scale ? R[j] * scale[g * N + i] : R[j];
+            o[i] = load_value(grad, g * N + i, kind) * J[j] + sh;
+        }
+    }
+    free(lut);
+    return 0;
+}
