@@ -340,7 +340,9 @@ def test_dkm_table_through_triton_ops_equals_dkm_backend_triton():
 
 def test_backend_resolution_and_clear_errors(monkeypatch):
     bf = torch.zeros(1, 10, 1, dtype=torch.bfloat16)
-    assert resolve_backend("auto", bf) == ("triton" if bf.is_cuda else "torch")
+    from edkm import ckernels
+
+    assert resolve_backend("auto", bf) == ("triton" if bf.is_cuda else "c" if ckernels.available() else "torch")
     assert resolve_backend("torch", bf) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", bf)
