@@ -58,7 +58,7 @@ _SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c
     "edkm_unique_patterns": [_P, _L, _L, _P, _P, _P, _L, _L],
     "edkm_segment_sum": [_P, _P, _P, _I, _P] + [_L] * 5,
     "edkm_gather_rows": [_P] * 4 + [_L] * 5,
-    "edkm_element_grad": [_P, _P, _P, _I] + [_P] * 4 + [_L] * 5,
+    "edkm_element_grad": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I] + [_L] * 5,
 }
 # Value kinds of patterns.c.
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -325,15 +325,19 @@ def c_gather_rows(points: Tensor, keys: Tensor, rows: Tensor) -> Tensor:
 
 
 def c_element_grad(points: Tensor, keys: Tensor, grad: Tensor, jac: Tensor, shared: Tensor,
-                   scale: Tensor | None = None) -> Tensor:
+                   scale: Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """``dW[g, i] = grad[g, i] * jac[g, j] + s[g, i] * shared[g, j]`` for the row j of point i.
 
     Args:
         points: (G, N) bf16 / fp16. keys: (G, U) int64 row patterns. grad: (G, N) fp32 /
-            bf16 / fp16. jac, shared: (G, U) fp32. scale: (G, N) fp32 importance or None (1).
+            bf16 / fp16. jac, shared: (G, U) fp32. scale: (G, N) fp32 / bf16 / fp16
+            importance or None (1).
+        out_dtype: fp32, or bf16 (the fp32 value rounded once to nearest even, as torch casts).
     Returns:
-        (G, N) fp32 (the caller casts).
+        (G, N) in ``out_dtype``.
     """
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     G, N = points.shape
     _check16("points", points, (G, N))
     U = _check_keys(keys, G)
@@ -342,13 +346,15 @@ def c_element_grad(points: Tensor, keys: Tensor, grad: Tensor, jac: Tensor, shar
                          f"{tuple(grad.shape)}")
     for name, t in (("jac", jac), ("shared", shared)):
         _check(name, t, (G, U))
-    if scale is not None:
-        _check("scale", scale, (G, N))
+    if scale is not None and (scale.dtype not in _KINDS or tuple(scale.shape) != (G, N) or not scale.is_contiguous()):
+        raise ValueError(f"scale: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
     lib = _require()
-    out = torch.empty(G, N, dtype=torch.float32)
+    out = torch.empty(G, N, dtype=out_dtype)
     ptrs = [_ptr(t) for t in (points, keys, grad)]
-    rest = [_ptr(t) for t in (jac, shared, scale, out)]
-    _run(lib.edkm_element_grad, G, lambda g0, g1: (*ptrs, _KINDS[grad.dtype], *rest, G, N, U, g0, g1))
+    table = [_ptr(t) for t in (jac, shared, scale)]
+    kinds = (_KINDS[scale.dtype] if scale is not None else 0, _ptr(out), _KINDS[out_dtype])
+    _run(lib.edkm_element_grad, G, lambda g0, g1: (*ptrs, _KINDS[grad.dtype], *table, *kinds, G, N, U, g0, g1))
     return out
 
 

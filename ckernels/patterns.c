@@ -8,7 +8,7 @@
  *     build:        keys, counts = unique(p, sorted=True, return_counts=True)
  *     segment_sum:  S[j]  = sum_{row(i) = j} grad[i]            (fp32 accumulation)
  *     gather_rows:  out[i] = rows16[row(i)]                      (rows already cast to 16 bits)
- *     element_grad: dW[i] = grad[i] * jac[row(i)] + s[i] * shared[row(i)]   (fp32 out)
+ *     element_grad: dW[i] = grad[i] * jac[row(i)] + s[i] * shared[row(i)]   (fp32 or bf16 out)
  *
  * Nothing per element is stored: every pass maps patterns to rows through a 65536-entry
  * lookup filled from the group's keys (256 KB per thread, cache-resident). Sums over the
@@ -122,9 +122,20 @@ int edkm_gather_rows(const uint16_t* pts, const int64_t* keys, const uint16_t* r
     return 0;
 }
 
-/* out (G, N) fp32 = grad * jac[row] + scale * shared[row]; grad of `kind`; scale (G, N) fp32 or NULL (1). */
+/* fp32 -> bf16 bits, round to nearest even (as torch); NaN stays a quiet NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((b >> 16) | 0x40);
+    b += 0x7FFFu + ((b >> 16) & 1u);
+    return (uint16_t)(b >> 16);
+}
+
+/* out (G, N) = grad * jac[row] + scale * shared[row]: fp32 (out_kind 0) or rounded once
+ * to bf16 (out_kind 1); grad of `kind`; scale (G, N) of `scale_kind`, or NULL (1). */
 int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad, int kind, const float* jac,
-                      const float* shared, const float* scale, float* out, long G, long N, long U, long g0, long g1) {
+                      const float* shared, const void* scale, int scale_kind, void* out, int out_kind, long G,
+                      long N, long U, long g0, long g1) {
     (void)G;
     int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
     if (!lut) return -1;
@@ -133,11 +144,14 @@ int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad
         const uint16_t* p = pts + g * N;
         const float* J = jac + g * U;
         const float* R = shared + g * U;
-        float* o = out + g * N;
         for (long i = 0; i < N; i++) {
             int32_t j = lut[p[i]];
-            float sh = scale ? R[j] * scale[g * N + i] : R[j];
-            o[i] = load_value(grad, g * N + i, kind) * J[j] + sh;
+            float sh = scale ? R[j] * load_value(scale, g * N + i, scale_kind) : R[j];
+            float val = load_value(grad, g * N + i, kind) * J[j] + sh;
+            if (out_kind == 1)
+                ((uint16_t*)out)[g * N + i] = f32_to_bf16(val);
+            else
+                ((float*)out)[g * N + i] = val;
         }
     }
     free(lut);

@@ -19,12 +19,13 @@
  *
  * Window: a softmax entry whose logit is more than EXP_FLOOR below its row's maximum is
  * exactly 0 here (exp_neg flushes it; the torch path gets 0 or an fp32 denormal, below
- * 1.2e-38 of the row's largest entry). For each block the kernels find the first and last
- * centroid index where any lane is above the floor and run exp, the sums and the
- * gradients on that index range only; entries outside are the zeros the full loop would
- * have added, so the window changes no bit of any result. With sorted centroids and rows
- * sorted by value (the table's order) the range is the few centroids near the block:
- * 82% of the map is exactly 0 for SmolLM2 at 4 bits (bench.sparsity).
+ * 1.2e-38 of the row's largest entry). Each pass sorts the K centroids (a permutation; the
+ * results go back to the centroids' own order); with sorted centroids a row's non-zero
+ * entries are consecutive, so a block of rows needs only the centroids from the first live
+ * one of its smallest row to the last live one of its largest (see block_map), and the
+ * distances, exps, sums and gradients run on that range. The table's rows are sorted by
+ * value (16-bit patterns in order), so a block spans a small range: 82% of the map is
+ * exactly 0 for SmolLM2 at 4 bits (bench.sparsity).
  *
  * Limits: K <= KMAX; fp32 contiguous arrays (the launcher checks).
  */
@@ -53,34 +54,72 @@ static inline float exp_neg(float x) {
     return x < EXP_FLOOR ? 0.0f : p * scale;
 }
 
-/* One block of rows: load LANES rows from j0 (padding lanes repeat the last row with
- * zero weight), compute the map a[k][l] of centroids c and return its window [*lo, *hi). */
-static void block_map(const float* v, long U, long j0, long K, const float* c, float inv_tau,
+/* Sort K centroids: cs = c[perm] in increasing order (insertion sort; K <= KMAX). */
+static void sort_centroids(const float* c, long K, int perm[KMAX], float cs[KMAX]) {
+    for (long k = 0; k < K; k++) {
+        long i = k;
+        while (i > 0 && c[perm[i - 1]] > c[k]) {
+            perm[i] = perm[i - 1];
+            i--;
+        }
+        perm[i] = (int)k;
+    }
+    for (long k = 0; k < K; k++) cs[k] = c[perm[k]];
+}
+
+/* Gather an original-order K-vector into sorted order: out[k] = src[perm[k]]. */
+static void to_sorted(const float* src, const int perm[KMAX], long K, float out[KMAX]) {
+    for (long k = 0; k < K; k++) out[k] = src[perm[k]];
+}
+
+/* The live range [lo, hi] of sorted centroids cs for one row x: entries whose logit is at
+ * least EXP_FLOOR above the row's maximum. */
+static void live_range(float x, const float* cs, long K, float inv_tau, long* lo, long* hi) {
+    float z[KMAX], zmax = -FLT_MAX;
+    for (long k = 0; k < K; k++) {
+        float d = x - cs[k];
+        z[k] = -(d * d) * inv_tau;
+        zmax = z[k] > zmax ? z[k] : zmax;
+    }
+    long first = 0, last = K - 1;
+    while (z[first] - zmax < EXP_FLOOR) first++;
+    while (z[last] - zmax < EXP_FLOOR) last--;
+    *lo = first;
+    *hi = last;
+}
+
+/* One block of rows: load LANES rows from j0 (padding lanes repeat the last row), find the
+ * block's window [*lo, *hi) of the sorted centroids cs and compute the map a[k][l] and
+ * diff[k][l] = x_l - cs[k] on it (the map is exactly 0 outside).
+ *
+ * The window: with sorted centroids a row's live entries are consecutive and their range
+ * moves right as the row's value grows (z_k - z_j is linear in x with slope 2 (c_k - c_j) /
+ * tau), so every row of the block lives within [lo(x_min), hi(x_max)]; one index of margin
+ * on each side absorbs rounding. Each lane's maximum (at its nearest centroid) is inside, so
+ * zmax, the exps and the normalisation are those of the full loop over K. */
+static void block_map(const float* v, long U, long j0, long K, const float* cs, float inv_tau,
                       float x[LANES], float diff[KMAX][LANES], float a[KMAX][LANES], long* lo, long* hi) {
-    float zmax[LANES], s[LANES];
+    float zmax[LANES], s[LANES], xmin = FLT_MAX, xmax = -FLT_MAX;
     for (int l = 0; l < LANES; l++) {
         long j = j0 + l < U ? j0 + l : U - 1;
         x[l] = v[j];
         zmax[l] = -FLT_MAX;
         s[l] = 0.0f;
+        xmin = x[l] < xmin ? x[l] : xmin;
+        xmax = x[l] > xmax ? x[l] : xmax;
     }
-    for (long k = 0; k < K; k++) {
-        float ck = c[k];
+    long lo_min, hi_min, lo_max, hi_max;
+    live_range(xmin, cs, K, inv_tau, &lo_min, &hi_min);
+    live_range(xmax, cs, K, inv_tau, &lo_max, &hi_max);
+    long first = lo_min > 0 ? lo_min - 1 : 0, last = hi_max + 1 < K ? hi_max + 1 : K - 1;
+    for (long k = first; k <= last; k++) {
+        float ck = cs[k];
         for (int l = 0; l < LANES; l++) {
             float d = x[l] - ck;
             float z = -(d * d) * inv_tau;
             diff[k][l] = d;
             a[k][l] = z;
             zmax[l] = z > zmax[l] ? z : zmax[l];
-        }
-    }
-    long first = K, last = -1;
-    for (long k = 0; k < K; k++) {
-        int live = 0;
-        for (int l = 0; l < LANES; l++) live |= (a[k][l] - zmax[l] >= EXP_FLOOR);
-        if (live) {
-            if (first == K) first = k;
-            last = k;
         }
     }
     for (long k = first; k <= last; k++)
@@ -151,15 +190,18 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
         const float* n = mass + g * U;
         float* hist = c_hist + g * (T + 1) * K;
         memcpy(hist, c0 + g * K, sizeof(float) * K);
+        int perm[KMAX];
+        float cs[KMAX];
         for (long t = 0; t < T; t++) {
             const float* c = hist + t * K;
+            sort_centroids(c, K, perm, cs);
             float num[KMAX][LANES], den[KMAX][LANES];
             memset(num, 0, sizeof(float) * K * LANES);
             memset(den, 0, sizeof(float) * K * LANES);
             int keep = rows && t == T - 1;
             for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
                 long lo, hi;
-                block_map(v, U, j0, K, c, inv_tau, x, diff, a, &lo, &hi);
+                block_map(v, U, j0, K, cs, inv_tau, x, diff, a, &lo, &hi);
                 block_load(n, U, j0, m);
                 for (long k = lo; k < hi; k++)
                     for (int l = 0; l < LANES; l++) {
@@ -171,18 +213,19 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
             }
             float* c_new = hist + (t + 1) * K;
             float* dh = den_hist + (g * T + t) * K;
-            for (long k = 0; k < K; k++) {
+            for (long k = 0; k < K; k++) { /* k: sorted index; perm[k]: the centroid's own */
                 float nu = 0.0f, de = 0.0f;
                 for (int l = 0; l < LANES; l++) {
                     nu += num[k][l];
                     de += den[k][l];
                 }
-                dh[k] = de;
-                c_new[k] = de < MIN_MASS ? c[k] : nu / de;
+                dh[perm[k]] = de;
+                c_new[perm[k]] = de < MIN_MASS ? cs[k] : nu / de;
             }
         }
         if (!rows) continue;
-        const float* c_last = hist + T * K;
+        float c_last[KMAX]; /* C_T in the order the kept map (of C_{T-1}) was sorted */
+        to_sorted(hist + T * K, perm, K, c_last);
         for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
             long lo, hi;
             load_map(sc.map, b, K, sc.lo, sc.hi, a, &lo, &hi);
@@ -215,9 +258,11 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
         float* r = shared + g * U;
         float g_c[KMAX], g_map[KMAX];
         /* final map h = a(v; C_{T-1}) C_T: dL/dC_T, dL/dC_{T-1} through the map, jac */
+        int perm[KMAX];
+        float c_prev[KMAX], c_last[KMAX]; /* sorted by C_{T-1}; c_last in the same order */
         {
-            const float* c_prev = hist + (T - 1) * K;
-            const float* c_last = hist + T * K;
+            sort_centroids(hist + (T - 1) * K, K, perm, c_prev);
+            to_sorted(hist + T * K, perm, K, c_last);
             float gl[KMAX][LANES], gm[KMAX][LANES];
             memset(gl, 0, sizeof(float) * K * LANES);
             memset(gm, 0, sizeof(float) * K * LANES);
@@ -251,17 +296,18 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
                     s1 += gl[k][l];
                     s2 += gm[k][l];
                 }
-                g_c[k] = s1;
-                g_map[k] = k2 * s2;
+                g_c[perm[k]] = s1;
+                g_map[perm[k]] = k2 * s2;
             }
         }
         /* iteration t = T..1: C_t = num / den of the map a(v; C_{t-1}) */
         for (long t = T; t >= 1; t--) {
-            const float* c_prev = hist + (t - 1) * K;
-            const float* c_t = hist + t * K;
             const float* den = den_hist + (g * T + t - 1) * K;
-            float e[KMAX]; /* dL/dnum; dL/dden = -e C_t */
-            for (long k = 0; k < K; k++) e[k] = den[k] >= MIN_MASS ? g_c[k] / den[k] : 0.0f;
+            float e_own[KMAX], e[KMAX], c_t[KMAX]; /* e: dL/dnum; dL/dden = -e C_t */
+            for (long k = 0; k < K; k++) e_own[k] = den[k] >= MIN_MASS ? g_c[k] / den[k] : 0.0f;
+            if (t < T) sort_centroids(hist + (t - 1) * K, K, perm, c_prev); /* t = T: sorted above */
+            to_sorted(e_own, perm, K, e);
+            to_sorted(hist + t * K, perm, K, c_t);
             float gp[KMAX][LANES];
             memset(gp, 0, sizeof(float) * K * LANES);
             for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
@@ -295,8 +341,9 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
             for (long k = 0; k < K; k++) {
                 float s = 0.0f;
                 for (int l = 0; l < LANES; l++) s += gp[k][l];
-                float pass = den[k] >= MIN_MASS ? 0.0f : g_c[k]; /* an empty centroid passes through */
-                g_c[k] = k2 * s + pass + (t == T ? g_map[k] : 0.0f);
+                long o = perm[k];
+                float pass = den[o] >= MIN_MASS ? 0.0f : g_c[o]; /* an empty centroid passes through */
+                g_c[o] = k2 * s + pass + (t == T ? g_map[o] : 0.0f);
             }
         }
         for (long j = 0; j < U; j++) r[j] = n[j] > 0.0f ? r[j] / n[j] : r[j];

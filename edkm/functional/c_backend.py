@@ -62,9 +62,11 @@ def _element_grad(points: Tensor, grad: Tensor, index, jac: Tensor, shared: Tens
                   scale: Tensor | None = None) -> Tensor:
     if not isinstance(index, CKeys):
         return TORCH_OPS.element_grad(points, grad, index, jac, shared, scale)
+    bf16 = points.dtype == torch.bfloat16  # the kernel rounds to bf16 itself; fp16 is cast here
     out = ckernels.c_element_grad(points[..., 0].contiguous(), index.keys, grad[..., 0].contiguous(),
                                   jac.contiguous(), shared[..., 0].contiguous(),
-                                  None if scale is None else scale.to(torch.float32).contiguous())
+                                  None if scale is None else scale.contiguous(),
+                                  out_dtype=torch.bfloat16 if bf16 else torch.float32)
     return out.to(points.dtype).unsqueeze(-1)  # one rounding of the fp32 value, as the torch pass
 
 

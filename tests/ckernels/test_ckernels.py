@@ -231,3 +231,22 @@ def test_per_element_bad_inputs_name_the_value():
         ckernels.c_segment_sum(points[..., 0], keys, g[:, :50, 0].contiguous())
     with pytest.raises(ValueError, match="rows"):
         ckernels.c_gather_rows(points[..., 0], keys, torch.zeros(2, keys.shape[1] + 1))
+
+
+def test_element_grad_rounds_to_bf16_as_torch_casts():
+    """The kernel's bf16 output is its fp32 output rounded to nearest even, bit for bit
+    (halfway cases, NaN kept a NaN), with a bf16 importance scale read exactly."""
+    points, g = _points(3, 999, torch.bfloat16, seed=6)
+    keys = tbl.build_table(points).keys
+    U = keys.shape[1]
+    jac, shared = torch.randn(3, U) * 100, torch.randn(3, U)
+    jac[0, 0] = float("nan")
+    scale = (torch.rand(3, 999) + 0.5).to(torch.bfloat16)
+    g16 = g[..., 0].to(torch.bfloat16)
+    f32 = ckernels.c_element_grad(points[..., 0], keys, g16, jac, shared, scale)
+    b16 = ckernels.c_element_grad(points[..., 0], keys, g16, jac, shared, scale, out_dtype=torch.bfloat16)
+    assert b16.dtype == torch.bfloat16 and torch.equal(b16.isnan(), f32.isnan()) and f32.isnan().any()
+    ok = ~f32.isnan()
+    assert torch.equal(b16[ok], f32[ok].to(torch.bfloat16))
+    f32_scale = ckernels.c_element_grad(points[..., 0], keys, g16, jac, shared, scale.float())
+    assert torch.equal(f32.nan_to_num(7.0), f32_scale.nan_to_num(7.0))
