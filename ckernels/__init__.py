@@ -11,7 +11,7 @@ per machine with the system C compiler, loads it with ctypes and launches it. Ea
 and `patterns.c` the per-element passes of 16-bit points keyed by their bit pattern (twins in
 `edkm.functional.table`; no per-element index is stored, each pass maps patterns to rows):
 
-    c_unique_patterns(points)                 -> (keys, counts)       the table build
+    c_unique_patterns(points)                 -> (keys, counts, values)   the table build
     c_segment_sum(points, keys, src)          -> (G, U) sums
     c_gather_rows(points, keys, rows)         -> (G, N) 16-bit
     c_element_grad(points, keys, grad, jac, shared, scale) -> (G, N) fp32
@@ -50,6 +50,9 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
 KMAX = 256  # table.c's KMAX
 # Groups per thread task: enough work (~1 ms at SmolLM2 shapes) to amortise a ctypes call.
 MIN_GROUPS_PER_TASK = 4
+# Largest scratch buffer kept between calls, in elements (16M: 96 MB for the table build's
+# two (G, N) lists; every SmolLM2 and LLaMA-7B attention matrix fits).
+SCRATCH_KEEP = 1 << 24
 
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c)
@@ -58,12 +61,14 @@ _SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c
     "edkm_unique_patterns": [_P, _L, _L, _P, _P, _P, _L, _L],
     "edkm_segment_sum": [_P, _P, _P, _I, _P] + [_L] * 5,
     "edkm_gather_rows": [_P] * 4 + [_L] * 5,
+    "edkm_fill_table": [_P, _P, _P, _L, _L, _I, _P, _P, _P, _L, _L],
     "edkm_element_grad": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I] + [_L] * 5,
 }
 # Value kinds of patterns.c.
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
+_scratch_local = threading.local()
 _state: dict[str, object] = {}
 
 
@@ -172,6 +177,8 @@ def _run(fn, G: int, args) -> None:
             codes = list(pool.map(call, range(0, G, step)))
     if any(c == -1 for c in codes):
         raise MemoryError(f"C kernel {fn.__name__}: could not allocate its scratch memory")
+    if any(c == -3 for c in codes):
+        raise ValueError(f"C kernel {fn.__name__}: a non-finite value")
     if any(c != 0 for c in codes):
         raise ValueError(f"C kernel {fn.__name__} rejected its arguments (K <= {KMAX}, T >= 1)")
 
@@ -256,28 +263,48 @@ def _check_keys(keys: Tensor, G: int) -> int:
     return keys.shape[1]
 
 
-def c_unique_patterns(points: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted distinct 16-bit patterns of every group and their counts.
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> Tensor:
+    """A reusable per-thread buffer of at least ``numel`` elements (fresh allocations of a few
+    MB per call cost more in page faults than the pass); buffers above `SCRATCH_KEEP` elements
+    are not kept."""
+    if numel > SCRATCH_KEEP:
+        return torch.empty(numel, dtype=dtype)
+    buf = getattr(_scratch_local, name, None)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch_local, name, buf)
+    return buf[:numel]
+
+
+def c_unique_patterns(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The table of distinct 16-bit values of every group.
 
     Args:
         points: (G, N) bf16 / fp16.
     Returns:
-        ``(keys, counts)``: (G, U) int64 patterns in [0, 65535] in increasing order, padded
-        with -1 to the largest group's U, and (G, U) fp32 counts (0 on padding).
+        ``(keys, counts, values)``: (G, U) int64 patterns in increasing order, padded with -1
+        to the largest group's U; (G, U) fp32 counts (0 on padding); (G, U) fp32 values of
+        the patterns (0 on padding). Raises ``ValueError`` if a value is NaN or Inf.
     """
     G, N = points.shape
     _check16("points", points, (G, N))
     lib = _require()
-    ukeys = torch.empty(G, N, dtype=torch.int16)
-    ucount = torch.empty(G, N, dtype=torch.int32)
+    ukeys = _scratch("ukeys", G * N, torch.int16)
+    ucount = _scratch("ucount", G * N, torch.int32)
     n_rows = torch.empty(G, dtype=torch.int64)
     ptrs = [_ptr(t) for t in (points, ukeys, ucount, n_rows)]
     _run(lib.edkm_unique_patterns, G, lambda g0, g1: (ptrs[0], G, N, *ptrs[1:], g0, g1))
     U = int(n_rows.max())
-    live = torch.arange(U) < n_rows.unsqueeze(1)  # (G, U)
-    keys = torch.where(live, ukeys[:, :U].to(torch.int64) & 0xFFFF, -1)
-    counts = torch.where(live, ucount[:, :U].to(torch.float32), 0.0)
-    return keys, counts
+    keys = torch.empty(G, U, dtype=torch.int64)
+    counts, values = (torch.empty(G, U, dtype=torch.float32) for _ in range(2))
+    kind = _KINDS[points.dtype]
+    out = [_ptr(t) for t in (keys, counts, values)]
+    try:
+        _run(lib.edkm_fill_table, G, lambda g0, g1: (*ptrs[1:], N, U, kind, *out, g0, g1))
+    except ValueError:
+        bad = points[~torch.isfinite(points)][0].item()
+        raise ValueError(f"DKM got a non-finite weight value ({bad}); clean NaN/Inf weights first") from None
+    return keys, counts, values
 
 
 def c_segment_sum(points: Tensor, keys: Tensor, src: Tensor) -> Tensor:

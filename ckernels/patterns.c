@@ -83,6 +83,32 @@ int edkm_unique_patterns(const uint16_t* pts, long G, long N, uint16_t* ukeys, i
     return 0;
 }
 
+/* Pad the compact lists of edkm_unique_patterns into the table of [g0, g1): keys (G, U) int64
+ * (-1 padding), counts (G, U) fp32 (0 padding), values (G, U) fp32 of the patterns read as
+ * `kind` (1 bf16, 2 fp16; 0 padding). Returns 0, or -3 if a present pattern is NaN / Inf. */
+int edkm_fill_table(const uint16_t* ukeys, const int32_t* ucount, const int64_t* n_rows, long N, long U, int kind,
+                    int64_t* keys, float* counts, float* values, long g0, long g1) {
+    int bad = 0;
+    for (long g = g0; g < g1; g++) {
+        long u = n_rows[g];
+        for (long j = 0; j < U; j++) {
+            if (j < u) {
+                uint16_t p = ukeys[g * N + j];
+                float v = load_value(&p, 0, kind);
+                bad |= !(v - v == 0.0f); /* NaN or Inf */
+                keys[g * U + j] = p;
+                counts[g * U + j] = (float)ucount[g * N + j];
+                values[g * U + j] = v;
+            } else {
+                keys[g * U + j] = -1;
+                counts[g * U + j] = 0.0f;
+                values[g * U + j] = 0.0f;
+            }
+        }
+    }
+    return bad ? -3 : 0;
+}
+
 /* Fill the lookup pattern -> row from one group's keys (int64, padding -1). */
 static void fill_lookup(int32_t* lut, const int64_t* keys, long U) {
     for (long j = 0; j < U && keys[j] >= 0; j++) lut[keys[j]] = (int32_t)j;

@@ -35,10 +35,7 @@ def _build(points: Tensor) -> tbl.Table:
     bit: sorted patterns, counts, fp32 values, -1 / 0 padding), torch otherwise."""
     if not tbl.uses_bit_patterns(points):
         return TORCH_OPS.build(points)
-    keys, counts = ckernels.c_unique_patterns(points[..., 0].contiguous())
-    live = keys >= 0
-    values = torch.where(live, tbl._pattern_values(keys.clamp_min(0), points.dtype).to(torch.float32), 0.0)
-    tbl._check_finite(values)
+    keys, counts, values = ckernels.c_unique_patterns(points[..., 0].contiguous())
     return tbl.Table(values.unsqueeze(-1), counts, keys, True)
 
 

@@ -250,3 +250,12 @@ def test_element_grad_rounds_to_bf16_as_torch_casts():
     assert torch.equal(b16[ok], f32[ok].to(torch.bfloat16))
     f32_scale = ckernels.c_element_grad(points[..., 0], keys, g16, jac, shared, scale.float())
     assert torch.equal(f32.nan_to_num(7.0), f32_scale.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_non_finite_weight_is_a_named_error(bad, dtype):
+    w = (torch.randn(2, 64, 1) * 0.02).to(dtype)
+    w[1, 7, 0] = bad
+    with pytest.raises(ValueError, match=f"non-finite weight value \\({bad}\\)"):
+        dkm(w, torch.zeros(2, 4, 1), tau=TAU, max_iters=1, backend="c")
