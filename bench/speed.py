@@ -10,7 +10,9 @@ tensor by default; ``--granularity per_grouped_channel --group-size 16`` gives o
 16 output rows (the presets' setting), W viewed as (size / 16, 16 * size, 1) points. No
 matmul with activations is included. The cases:
 
-- ``edkm``: `edkm.functional.dkm(uniquify=True)`, the exact table path.
+- ``edkm``: `edkm.functional.dkm(uniquify=True)`, the exact table path (backend ``auto``: the
+  C kernels of `edkm.ckernels` on the CPU, Triton on CUDA).
+- ``edkm_torch``: the same with ``backend="torch"`` (the torch passes, the kernels' spec).
 - ``edkm_naive``: `dkm(uniquify=False)`, plain autograd over (N, K) maps.
 - ``coremltools``: the ``weight_fake_quant`` (FakePalettize) module that
   ``DKMPalettizer.prepare()`` puts on an ``nn.Linear(size, size)``, called on the layer's
@@ -84,7 +86,7 @@ QUICK_SIZE = 256
 # coremltools cases (few large, memory-bound ops) moved 5-12%: 2 threads made the ratios
 # measure the load, not the algorithms.
 CPU_THREADS = 1
-CASE_NAMES = ("edkm", "edkm_naive", "coremltools")
+CASE_NAMES = ("edkm", "edkm_torch", "edkm_naive", "coremltools")
 COLUMNS = ["case", "median_s", "min_s", "n", "speedup_vs_coreml", "speedup_vs_coreml_min", "speedup_vs_naive",
            "speedup_vs_naive_min", "peak_mb", "max_abs_diff_rel", "status"]
 
@@ -140,12 +142,13 @@ def groups(args: argparse.Namespace) -> int:
 
 
 def edkm_case(name: str, w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor, uniquify: bool,
-              args: argparse.Namespace) -> tuple[Case, Forward]:
+              args: argparse.Namespace, backend: str = "auto") -> tuple[Case, Forward]:
     """Case for `edkm.functional.dkm` on the leaf weight ``w`` (size, size); ``c0`` is (G, K, 1)."""
     G = c0.shape[0]
 
     def forward() -> torch.Tensor:
-        out, _ = dkm(w.view(G, -1, 1), c0, tau=args.tau, max_iters=args.iters, uniquify=uniquify)  # (G, N / G, 1)
+        out, _ = dkm(w.view(G, -1, 1), c0, tau=args.tau, max_iters=args.iters, uniquify=uniquify,
+                     backend=backend)  # (G, N / G, 1)
         return out.view_as(w)
 
     def step() -> None:
@@ -211,7 +214,7 @@ def build_case(name: str, w: torch.Tensor, g: torch.Tensor, c0: torch.Tensor,
                args: argparse.Namespace) -> tuple[Case, Forward | None]:
     if name == "coremltools":
         return coreml_case(w, g, c0, args)
-    return edkm_case(name, w, g, c0, name == "edkm", args)
+    return edkm_case(name, w, g, c0, name != "edkm_naive", args, backend="torch" if name == "edkm_torch" else "auto")
 
 
 def measure_memory(name: str, args: argparse.Namespace, device: torch.device) -> dict:
