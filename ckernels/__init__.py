@@ -162,6 +162,18 @@ def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process's worker threads for the kernels (grown to ``threads``, kept: a DKM step
+    calls the kernels ~8 times per layer, too often to start threads every call)."""
+    with _lock:
+        pool = _state.get("pool")
+        if pool is None or pool._max_workers < threads:  # type: ignore[union-attr]
+            if pool is not None:
+                pool.shutdown(wait=False)  # type: ignore[union-attr]
+            pool = _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="edkm-ckernels")
+        return pool  # type: ignore[return-value]
+
+
 def _run(fn, G: int, args) -> None:
     """Call ``fn(*args(g0, g1))`` over slices [g0, g1) of the G groups, in threads."""
     threads = max(1, min(torch.get_num_threads(), G // MIN_GROUPS_PER_TASK))
@@ -170,11 +182,7 @@ def _run(fn, G: int, args) -> None:
     def call(g0: int) -> int:
         return fn(*args(g0, min(g0 + step, G)))
 
-    if threads == 1:
-        codes = [call(0)]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            codes = list(pool.map(call, range(0, G, step)))
+    codes = [call(0)] if threads == 1 else list(_pool(threads).map(call, range(0, G, step)))
     if any(c == -1 for c in codes):
         raise MemoryError(f"C kernel {fn.__name__}: could not allocate its scratch memory")
     if any(c == -3 for c in codes):
