@@ -20,7 +20,8 @@ Shapes (d = 1): values, mass, seg, rows, jac, shared (G, U); c0 (G, K); c_hist
 (G, T+1, K); den_hist (G, T, K); fp32 CPU tensors, K <= 256. Groups are spread over
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL during the call).
 
-Build: ``$CC`` (default ``cc``) with ``-O3 -march=native``, cached under
+Build: ``$CC`` (default ``cc``) with ``-O3 -march=native`` (without ``-march=native`` if the
+compiler refuses it), cached under
 ``$EDKM_CACHE_DIR/ckernels`` (default ``~/.cache/edkm/ckernels``) keyed by the source,
 the flags and the CPU; written atomically, so concurrent processes are safe. `available`
 says whether it built; `build_error` says why not. Nothing here imports triton.
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("table.c", "patterns.c"))
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+# Tried when FLAGS fail (a compiler without -march=native, e.g. some clang on arm64): the
+# kernels vectorise for the baseline ISA only.
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
 KMAX = 256  # table.c's KMAX
 # Groups per thread task: enough work (~1 ms at SmolLM2 shapes) to amortise a ctypes call.
 MIN_GROUPS_PER_TASK = 4
@@ -101,8 +105,13 @@ def _compile(dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.stem, suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
-                              timeout=120)
+        for flags in (FLAGS, PORTABLE_FLAGS):
+            done = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode == 0:
+                break
+            log.info("%s %s failed (exit %d)%s", cc, " ".join(flags), done.returncode,
+                     "; retrying without -march=native" if flags is FLAGS else "")
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {[f.name for f in SOURCES]} (exit {done.returncode}): "
                                f"{done.stderr.strip()[-2000:]}")
