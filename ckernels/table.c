@@ -154,6 +154,12 @@ static void load_map(const float* scratch, long b, long K, const long* wlo, cons
     for (long k = *lo; k < *hi; k++) memcpy(a[k], scratch + (b * K + k) * LANES, sizeof(float) * LANES);
 }
 
+/* The (KMAX, LANES) block arrays of one call, on the heap (about 100 KB: more than some
+ * platforms give a thread's stack, e.g. musl's 128 KB). */
+typedef struct {
+    float diff[KMAX][LANES], a[KMAX][LANES], acc1[KMAX][LANES], acc2[KMAX][LANES], ga[KMAX][LANES];
+} Work;
+
 /* Scratch for one group's kept map: (blocks, K, LANES) floats and two window arrays. */
 typedef struct {
     float* map;
@@ -182,9 +188,15 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
                        float* rows, long g0, long g1, long U, long K, long T, float tau) {
     if (K > KMAX || K < 1 || T < 1) return -2;
     Scratch sc;
-    if (rows && !scratch_alloc(&sc, U, K)) return -1;
+    Work* w = (Work*)malloc(sizeof(Work));
+    if (!w) return -1;
+    if (rows && !scratch_alloc(&sc, U, K)) {
+        free(w);
+        return -1;
+    }
     float inv_tau = 1.0f / tau;
-    float x[LANES], m[LANES], diff[KMAX][LANES], a[KMAX][LANES];
+    float x[LANES], m[LANES];
+    float(*diff)[LANES] = w->diff, (*a)[LANES] = w->a;
     for (long g = g0; g < g1; g++) {
         const float* v = values + g * U;
         const float* n = mass + g * U;
@@ -195,7 +207,7 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
         for (long t = 0; t < T; t++) {
             const float* c = hist + t * K;
             sort_centroids(c, K, perm, cs);
-            float num[KMAX][LANES], den[KMAX][LANES];
+            float(*num)[LANES] = w->acc1, (*den)[LANES] = w->acc2;
             memset(num, 0, sizeof(float) * K * LANES);
             memset(den, 0, sizeof(float) * K * LANES);
             int keep = rows && t == T - 1;
@@ -236,6 +248,7 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
         }
     }
     if (rows) scratch_free(&sc);
+    free(w);
     return 0;
 }
 
@@ -248,9 +261,15 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
                    float tau) {
     if (K > KMAX || K < 1 || T < 1) return -2;
     Scratch sc;
-    if (!scratch_alloc(&sc, U, K)) return -1;
+    Work* w = (Work*)malloc(sizeof(Work));
+    if (!w) return -1;
+    if (!scratch_alloc(&sc, U, K)) {
+        free(w);
+        return -1;
+    }
     float inv_tau = 1.0f / tau, k2 = 2.0f / tau;
-    float x[LANES], m[LANES], sv[LANES], diff[KMAX][LANES], a[KMAX][LANES];
+    float x[LANES], m[LANES], sv[LANES];
+    float(*diff)[LANES] = w->diff, (*a)[LANES] = w->a;
     for (long g = g0; g < g1; g++) {
         const float* v = values + g * U;
         const float* n = mass + g * U;
@@ -263,7 +282,7 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
         {
             sort_centroids(hist + (T - 1) * K, K, perm, c_prev);
             to_sorted(hist + T * K, perm, K, c_last);
-            float gl[KMAX][LANES], gm[KMAX][LANES];
+            float(*gl)[LANES] = w->acc1, (*gm)[LANES] = w->acc2;
             memset(gl, 0, sizeof(float) * K * LANES);
             memset(gm, 0, sizeof(float) * K * LANES);
             for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
@@ -308,7 +327,7 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
             if (t < T) sort_centroids(hist + (t - 1) * K, K, perm, c_prev); /* t = T: sorted above */
             to_sorted(e_own, perm, K, e);
             to_sorted(hist + t * K, perm, K, c_t);
-            float gp[KMAX][LANES];
+            float(*gp)[LANES] = w->acc1;
             memset(gp, 0, sizeof(float) * K * LANES);
             for (long j0 = 0, b = 0; j0 < U; j0 += LANES, b++) {
                 long lo, hi;
@@ -322,7 +341,7 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
                 }
                 block_load(n, U, j0, m);
                 float aga[LANES] = {0}, ae[LANES] = {0}, gzd_sum[LANES] = {0};
-                float ga[KMAX][LANES];
+                float(*ga)[LANES] = w->ga;
                 for (long k = lo; k < hi; k++)
                     for (int l = 0; l < LANES; l++) {
                         float g_a = m[l] * e[k] * (x[l] - c_t[k]); /* dL/da = n e_k (v - C_t,k) */
@@ -349,5 +368,6 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
         for (long j = 0; j < U; j++) r[j] = n[j] > 0.0f ? r[j] / n[j] : r[j];
     }
     scratch_free(&sc);
+    free(w);
     return 0;
 }
