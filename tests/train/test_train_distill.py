@@ -101,7 +101,7 @@ def test_presets_use_ce_and_score_two_domains():
     for bits in (4, 3):
         quality = load_config(root / f"smollm2-135m-{bits}bit-quality.yaml")
         assert (quality.optim.loss, quality.data.source, quality.optim.max_steps, quality.dkm.bits) == \
-            ("kd", "mix", 48, bits)
+            ("kd", "mix", 96, bits)
 
 
 def test_resume_refuses_a_changed_loss_temperature_or_source(tmp_path):
