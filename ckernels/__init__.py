@@ -135,7 +135,7 @@ def _library() -> ctypes.CDLL | None:
             for name, argtypes in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:  # AttributeError: no such symbol
             _state["error"] = str(err)
             log.warning("C table kernels unavailable (%s); the torch table passes run instead", err)
             lib = None
