@@ -217,9 +217,9 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
                 block_load(n, U, j0, m);
                 for (long k = lo; k < hi; k++)
                     for (int l = 0; l < LANES; l++) {
-                        float w = a[k][l] * m[l];
-                        num[k][l] += w * x[l];
-                        den[k][l] += w;
+                        float wt = a[k][l] * m[l];
+                        num[k][l] += wt * x[l];
+                        den[k][l] += wt;
                     }
                 if (keep) keep_map(sc.map, b, K, lo, hi, a, sc.lo, sc.hi);
             }
