@@ -161,9 +161,17 @@ def _require() -> ctypes.CDLL:
     return lib
 
 
-def _check(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-    if t.device.type != "cpu" or t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
-        raise ValueError(f"{name}: want a contiguous fp32 CPU tensor of shape {shape}, got {t.dtype} "
+FP32 = (torch.float32,)
+HALF = (torch.bfloat16, torch.float16)  # 16-bit points, keyed by their bit pattern
+VALUES = (torch.float32, *HALF)  # the value kinds patterns.c reads (_KINDS)
+
+
+def _check(name: str, t: Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...] = FP32) -> None:
+    """Raise ``ValueError`` naming ``t``'s dtype, shape, device and layout unless it is a
+    contiguous CPU tensor of ``shape`` in one of ``dtypes``."""
+    if t.device.type != "cpu" or t.dtype not in dtypes or tuple(t.shape) != shape or not t.is_contiguous():
+        want = " / ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name}: want a contiguous {want} CPU tensor of shape {shape}, got {t.dtype} "
                          f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
@@ -267,13 +275,6 @@ def c_table_bwd(values: Tensor, mass: Tensor, seg: Tensor, c_hist: Tensor, den_h
     return jac, shared
 
 
-def _check16(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-    if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16) or tuple(t.shape) != shape \
-            or not t.is_contiguous():
-        raise ValueError(f"{name}: want a contiguous bf16 / fp16 CPU tensor of shape {shape}, got {t.dtype} "
-                         f"{tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
-
-
 def _check_keys(keys: Tensor, G: int) -> int:
     if keys.dtype != torch.int64 or keys.dim() != 2 or keys.shape[0] != G or not keys.is_contiguous():
         raise ValueError(f"keys: want contiguous (G={G}, U) int64 row patterns, got {keys.dtype} {tuple(keys.shape)}")
@@ -304,7 +305,7 @@ def c_unique_patterns(points: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         the patterns (0 on padding). Raises ``ValueError`` if a value is NaN or Inf.
     """
     G, N = points.shape
-    _check16("points", points, (G, N))
+    _check("points", points, (G, N), HALF)
     lib = _require()
     ukeys = _scratch("ukeys", G * N, torch.int16)
     ucount = _scratch("ucount", G * N, torch.int32)
@@ -334,11 +335,9 @@ def c_segment_sum(points: Tensor, keys: Tensor, src: Tensor) -> Tensor:
         (G, U) fp32 sums (0 on padding rows).
     """
     G, N = points.shape
-    _check16("points", points, (G, N))
+    _check("points", points, (G, N), HALF)
     U = _check_keys(keys, G)
-    if src.dtype not in _KINDS or tuple(src.shape) != (G, N) or not src.is_contiguous():
-        raise ValueError(f"src: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {src.dtype} "
-                         f"{tuple(src.shape)}")
+    _check("src", src, (G, N), VALUES)
     lib = _require()
     out = torch.empty(G, U, dtype=torch.float32)
     ptrs = [_ptr(t) for t in (points, keys, src)]
@@ -356,7 +355,7 @@ def c_gather_rows(points: Tensor, keys: Tensor, rows: Tensor) -> Tensor:
         (G, N) in ``points.dtype``.
     """
     G, N = points.shape
-    _check16("points", points, (G, N))
+    _check("points", points, (G, N), HALF)
     U = _check_keys(keys, G)
     if tuple(rows.shape) != (G, U):
         raise ValueError(f"rows: want shape (G, U) = {(G, U)}, got {tuple(rows.shape)}")
@@ -383,16 +382,13 @@ def c_element_grad(points: Tensor, keys: Tensor, grad: Tensor, jac: Tensor, shar
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     G, N = points.shape
-    _check16("points", points, (G, N))
+    _check("points", points, (G, N), HALF)
     U = _check_keys(keys, G)
-    if grad.dtype not in _KINDS or tuple(grad.shape) != (G, N) or not grad.is_contiguous():
-        raise ValueError(f"grad: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {grad.dtype} "
-                         f"{tuple(grad.shape)}")
+    _check("grad", grad, (G, N), VALUES)
     for name, t in (("jac", jac), ("shared", shared)):
         _check(name, t, (G, U))
-    if scale is not None and (scale.dtype not in _KINDS or tuple(scale.shape) != (G, N) or not scale.is_contiguous()):
-        raise ValueError(f"scale: want a contiguous (G, N) = {(G, N)} fp32 / bf16 / fp16 tensor, got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
+    if scale is not None:
+        _check("scale", scale, (G, N), VALUES)
     lib = _require()
     out = torch.empty(G, N, dtype=out_dtype)
     ptrs = [_ptr(t) for t in (points, keys, grad)]
