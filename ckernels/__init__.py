@@ -47,10 +47,11 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("table.c", "patterns.c"))
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c99")
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("scratch.h",))  # part of the cache key
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
 # Tried when FLAGS fail (a compiler without -march=native, e.g. some clang on arm64): the
 # kernels vectorise for the baseline ISA only.
-PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
 KMAX = 256  # table.c's KMAX
 # Groups per thread task: enough work (~1 ms at SmolLM2 shapes) to amortise a ctypes call.
 MIN_GROUPS_PER_TASK = 4
@@ -92,7 +93,8 @@ def _cpu_key() -> str:
 def library_path() -> Path:
     """Where the compiled kernels are (or will be) cached for this source, compiler and CPU."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + repr((cc, FLAGS, _cpu_key())).encode()).hexdigest()[:16]
+    text = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    key = hashlib.sha256(text + repr((cc, FLAGS, _cpu_key())).encode()).hexdigest()[:16]
     root = Path(os.environ.get("EDKM_CACHE_DIR", "~/.cache/edkm")).expanduser()
     return root / "ckernels" / f"table-{key}.so"
 

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scratch.h"
+
 #define N_PATTERNS 65536
 
 static inline float bits_to_f32(uint32_t b) {
@@ -44,18 +46,23 @@ static inline float load_value(const void* src, long i, int kind) {
     return kind == 1 ? bits_to_f32((uint32_t)b << 16) : half_to_f32(b);
 }
 
+/* This thread's buffers (scratch.h): the table build's pattern counts (kept all zero between
+ * calls), its two lists of distinct patterns, and the pattern -> row lookup of the passes
+ * (filled from a group's keys before use; entries of absent patterns are never read). */
+static _Thread_local Buf count_buf, seen_buf, tmp_buf, lookup_buf;
+
+static int32_t* lookup_get(void) { return (int32_t*)buf_get(&lookup_buf, sizeof(int32_t) * N_PATTERNS, 0); }
+
 /* Distinct patterns of each group of [g0, g1), sorted, with their counts, compacted into
  * ukeys / ucount (G, N) (the first n_rows[g] entries of row g); n_rows (G,). */
 int edkm_unique_patterns(const uint16_t* pts, long G, long N, uint16_t* ukeys, int32_t* ucount, int64_t* n_rows,
                          long g0, long g1) {
     (void)G;
-    int32_t* cnt = (int32_t*)calloc(N_PATTERNS, sizeof(int32_t));
-    uint16_t* seen = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(N < N_PATTERNS ? N : N_PATTERNS));
-    uint16_t* tmp = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(N < N_PATTERNS ? N : N_PATTERNS));
-    if (!cnt || !seen || !tmp) {
-        free(cnt), free(seen), free(tmp);
-        return -1;
-    }
+    size_t most = sizeof(uint16_t) * (size_t)(N < N_PATTERNS ? N : N_PATTERNS);
+    int32_t* cnt = (int32_t*)buf_get(&count_buf, sizeof(int32_t) * N_PATTERNS, 1); /* all 0 between calls */
+    uint16_t* seen = (uint16_t*)buf_get(&seen_buf, most, 0);
+    uint16_t* tmp = (uint16_t*)buf_get(&tmp_buf, most, 0);
+    if (!cnt || !seen || !tmp) return -1;
     for (long g = g0; g < g1; g++) {
         const uint16_t* p = pts + g * N;
         long u = 0;
@@ -79,7 +86,6 @@ int edkm_unique_patterns(const uint16_t* pts, long G, long N, uint16_t* ukeys, i
         }
         n_rows[g] = u;
     }
-    free(cnt), free(seen), free(tmp);
     return 0;
 }
 
@@ -94,7 +100,7 @@ int edkm_fill_table(const uint16_t* ukeys, const int32_t* ucount, const int64_t*
         for (long j = 0; j < U; j++) {
             if (j < u) {
                 uint16_t p = ukeys[g * N + j];
-                float v = load_value(&p, 0, kind);
+                float v = kind == 2 ? half_to_f32(p) : bits_to_f32((uint32_t)p << 16); /* 16-bit kinds only */
                 bad |= !(v - v == 0.0f); /* NaN or Inf */
                 keys[g * U + j] = p;
                 counts[g * U + j] = (float)ucount[g * N + j];
@@ -118,7 +124,7 @@ static void fill_lookup(int32_t* lut, const int64_t* keys, long U) {
 int edkm_segment_sum(const uint16_t* pts, const int64_t* keys, const void* src, int kind, float* out, long G, long N,
                      long U, long g0, long g1) {
     (void)G;
-    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    int32_t* lut = lookup_get();
     if (!lut) return -1;
     for (long g = g0; g < g1; g++) {
         fill_lookup(lut, keys + g * U, U);
@@ -127,7 +133,6 @@ int edkm_segment_sum(const uint16_t* pts, const int64_t* keys, const void* src, 
         const uint16_t* p = pts + g * N;
         for (long i = 0; i < N; i++) s[lut[p[i]]] += load_value(src, g * N + i, kind);
     }
-    free(lut);
     return 0;
 }
 
@@ -135,7 +140,7 @@ int edkm_segment_sum(const uint16_t* pts, const int64_t* keys, const void* src, 
 int edkm_gather_rows(const uint16_t* pts, const int64_t* keys, const uint16_t* rows16, uint16_t* out, long G, long N,
                      long U, long g0, long g1) {
     (void)G;
-    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    int32_t* lut = lookup_get();
     if (!lut) return -1;
     for (long g = g0; g < g1; g++) {
         fill_lookup(lut, keys + g * U, U);
@@ -144,7 +149,6 @@ int edkm_gather_rows(const uint16_t* pts, const int64_t* keys, const uint16_t* r
         uint16_t* o = out + g * N;
         for (long i = 0; i < N; i++) o[i] = r[lut[p[i]]];
     }
-    free(lut);
     return 0;
 }
 
@@ -163,7 +167,7 @@ int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad
                       const float* shared, const void* scale, int scale_kind, void* out, int out_kind, long G,
                       long N, long U, long g0, long g1) {
     (void)G;
-    int32_t* lut = (int32_t*)malloc(sizeof(int32_t) * N_PATTERNS);
+    int32_t* lut = lookup_get();
     if (!lut) return -1;
     for (long g = g0; g < g1; g++) {
         fill_lookup(lut, keys + g * U, U);
@@ -180,6 +184,5 @@ int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad
                 ((float*)out)[g * N + i] = val;
         }
     }
-    free(lut);
     return 0;
 }

@@ -34,6 +34,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "scratch.h"
+
 #define LANES 16
 #define KMAX 256
 #define MIN_MASS 1e-6f        /* edkm.functional.iterations.MIN_MASS */
@@ -174,7 +176,7 @@ static void load_map(const float* scratch, long b, long K, const long* wlo, cons
 }
 
 /* The (KMAX, LANES) block arrays of one call, on the heap (about 100 KB: more than some
- * platforms give a thread's stack, e.g. musl's 128 KB). */
+ * platforms give a thread's stack, e.g. musl's 128 KB), one per thread (scratch.h). */
 typedef struct {
     float diff[KMAX][LANES], a[KMAX][LANES], acc1[KMAX][LANES], acc2[KMAX][LANES], ga[KMAX][LANES];
 } Work;
@@ -186,18 +188,22 @@ typedef struct {
     long* hi;
 } Scratch;
 
-static int scratch_alloc(Scratch* s, long U, long K) {
+static _Thread_local Buf work_buf, map_buf, lo_buf, hi_buf;
+
+/* This thread's Work and a scratch for U rows (scratch.h); NULL when out of memory. */
+static Work* work_get(Scratch* s, long U, long K) {
     long blocks = (U + LANES - 1) / LANES;
-    s->map = (float*)malloc(sizeof(float) * (size_t)(blocks * K * LANES));
-    s->lo = (long*)malloc(sizeof(long) * (size_t)blocks);
-    s->hi = (long*)malloc(sizeof(long) * (size_t)blocks);
-    return s->map && s->lo && s->hi;
+    Work* w = (Work*)buf_get(&work_buf, sizeof(Work), 0);
+    s->map = (float*)buf_get(&map_buf, sizeof(float) * (size_t)(blocks * K * LANES), 0);
+    s->lo = (long*)buf_get(&lo_buf, sizeof(long) * (size_t)blocks, 0);
+    s->hi = (long*)buf_get(&hi_buf, sizeof(long) * (size_t)blocks, 0);
+    return w && s->map && s->lo && s->hi ? w : NULL;
 }
 
-static void scratch_free(Scratch* s) {
-    free(s->map);
-    free(s->lo);
-    free(s->hi);
+static void work_trim(void) {
+    buf_trim(&map_buf);
+    buf_trim(&lo_buf);
+    buf_trim(&hi_buf);
 }
 
 /* Forward: T iterations on groups [g0, g1) and, when rows is not NULL, the row values
@@ -207,12 +213,8 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
                        float* rows, long g0, long g1, long U, long K, long T, float tau) {
     if (K > KMAX || K < 1 || T < 1) return -2;
     Scratch sc;
-    Work* w = (Work*)malloc(sizeof(Work));
+    Work* w = work_get(&sc, rows ? U : 1, K);
     if (!w) return -1;
-    if (rows && !scratch_alloc(&sc, U, K)) {
-        free(w);
-        return -1;
-    }
     float inv_tau = 1.0f / tau;
     float x[LANES], m[LANES];
     float(*diff)[LANES] = w->diff, (*a)[LANES] = w->a;
@@ -266,8 +268,7 @@ int edkm_table_forward(const float* values, const float* mass, const float* c0, 
             for (int l = 0; l < LANES && j0 + l < U; l++) rows[g * U + j0 + l] = h[l];
         }
     }
-    if (rows) scratch_free(&sc);
-    free(w);
+    work_trim();
     return 0;
 }
 
@@ -280,12 +281,8 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
                    float tau) {
     if (K > KMAX || K < 1 || T < 1) return -2;
     Scratch sc;
-    Work* w = (Work*)malloc(sizeof(Work));
+    Work* w = work_get(&sc, U, K);
     if (!w) return -1;
-    if (!scratch_alloc(&sc, U, K)) {
-        free(w);
-        return -1;
-    }
     float inv_tau = 1.0f / tau, k2 = 2.0f / tau;
     float x[LANES], m[LANES], sv[LANES];
     float(*diff)[LANES] = w->diff, (*a)[LANES] = w->a;
@@ -386,7 +383,6 @@ int edkm_table_bwd(const float* values, const float* mass, const float* seg, con
         }
         for (long j = 0; j < U; j++) r[j] = n[j] > 0.0f ? r[j] / n[j] : r[j];
     }
-    scratch_free(&sc);
-    free(w);
+    work_trim();
     return 0;
 }
