@@ -66,8 +66,10 @@ int edkm_unique_patterns(const uint16_t* pts, long G, long N, uint16_t* ukeys, i
     for (long g = g0; g < g1; g++) {
         const uint16_t* p = pts + g * N;
         long u = 0;
-        for (long i = 0; i < N; i++)
-            if (cnt[p[i]]++ == 0) seen[u++] = p[i];
+        for (long i = 0; i < N; i++) { /* branch-free: a first occurrence is unpredictable */
+            seen[u] = p[i];
+            u += cnt[p[i]]++ == 0;
+        }
         /* sort the u distinct patterns: LSD radix sort, two 8-bit digits */
         uint16_t *src = seen, *dst = tmp;
         for (int shift = 0; shift < 16; shift += 8) {
