@@ -6,8 +6,12 @@ Library use::
     edkm.prepare(model, edkm.DKMConfig(bits=4))   # layers now train through DKM
     ...your training loop...
     edkm.finalize(model)                           # hard LUT + uint8 indices
+
+Importing edkm before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is already set (see
+`edkm._threads`).
 """
 
+from edkm import _threads  # noqa: F401  (first: before torch loads its OpenMP runtime)
 from edkm.config import DKMConfig
 from edkm.deploy.coreml import export_coreml
 from edkm.distill import DistillTrainerMixin, distill_loss, topk_distill_loss
