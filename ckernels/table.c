@@ -122,7 +122,6 @@ static void block_map(const float* v, long U, long j0, long K, const float* cs, 
     for (int l = 0; l < LANES; l++) {
         long j = j0 + l < U ? j0 + l : U - 1;
         x[l] = v[j];
-        zmax[l] = -FLT_MAX;
         s[l] = 0.0f;
         xmin = x[l] < xmin ? x[l] : xmin;
         xmax = x[l] > xmax ? x[l] : xmax;
@@ -133,15 +132,26 @@ static void block_map(const float* v, long U, long j0, long K, const float* cs, 
     long first = lo_min, last = hi_max;
     float xl[LANES]; /* a local copy: x may alias diff and a for all the compiler knows */
     memcpy(xl, x, sizeof xl);
+    /* zmax = -(min_k d_k^2) / tau, the same float as max_k z_k (rounding is monotone). The
+     * minimum runs on the bit patterns of d^2 >= 0, which order as the values do: an integer
+     * min vectorises, a float select with IEEE semantics did not (GCC 12). */
+    int32_t dmin[LANES];
+    for (int l = 0; l < LANES; l++) dmin[l] = INT32_MAX;
     for (long k = first; k <= last; k++) {
         float ck = cs[k];
         for (int l = 0; l < LANES; l++) {
-            float d = xl[l] - ck;
-            float z = -(d * d) * inv_tau;
+            float d = xl[l] - ck, dd = d * d;
+            int32_t bits;
+            memcpy(&bits, &dd, sizeof bits);
             diff[k][l] = d;
-            a[k][l] = z;
-            zmax[l] = z > zmax[l] ? z : zmax[l];
+            a[k][l] = -dd * inv_tau;
+            dmin[l] = bits < dmin[l] ? bits : dmin[l];
         }
+    }
+    for (int l = 0; l < LANES; l++) {
+        float dd;
+        memcpy(&dd, &dmin[l], sizeof dd);
+        zmax[l] = -dd * inv_tau;
     }
     for (long k = first; k <= last; k++)
         for (int l = 0; l < LANES; l++) {
