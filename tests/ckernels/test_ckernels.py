@@ -109,6 +109,34 @@ def test_threads_change_no_bit():
         assert torch.equal(a, b)
 
 
+def test_kept_scratch_carries_nothing_between_calls():
+    """Each thread keeps its work buffers between calls (scratch.h): a call after a larger
+    one, after one past the keep limit (a 256-centroid table of 16k rows: 16 MB of map),
+    and the same call again give the bits of the first run."""
+    small = _table(3, 400, 16, seed=5)
+    big = _table(1, 16384, 256, seed=6)
+    pts_small, _ = _points(3, 2304, torch.bfloat16)
+    pts_big, _ = _points(1, 70001, torch.bfloat16)
+
+    def run(values, mass, c0, seg):
+        fwd = ckernels.c_table_forward(_c(values), mass, _c(c0), TAU, 2)
+        return (*fwd, *ckernels.c_table_bwd(_c(values), mass, _c(seg), fwd[0], fwd[1], TAU))
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one pool thread: every call below reuses its buffers
+        first, first_keys = run(*small), ckernels.c_unique_patterns(_c(pts_small))
+        run(*big)
+        ckernels.c_unique_patterns(_c(pts_big))
+        again, again_keys = run(*small), ckernels.c_unique_patterns(_c(pts_small))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip((*first, *first_keys), (*again, *again_keys)):
+        assert torch.equal(a, b)
+    want = tbl.build_table(pts_small)
+    assert torch.equal(again_keys[0], want.keys) and torch.equal(again_keys[1], want.counts)
+
+
 def test_bad_inputs_name_the_value():
     values, mass, c0, seg = _table(2, 50, 4)
     with pytest.raises(ValueError, match="float64"):
