@@ -40,10 +40,14 @@ static inline float half_to_f32(uint16_t h) {
     return sign ? -v : v;
 }
 
+/* A 16-bit pattern of kind 1 (bf16) or 2 (fp16) as fp32, exact. */
+static inline float bits16_to_f32(uint16_t b, int kind) {
+    return kind == 1 ? bits_to_f32((uint32_t)b << 16) : half_to_f32(b);
+}
+
 static inline float load_value(const void* src, long i, int kind) {
     if (kind == 0) return ((const float*)src)[i];
-    uint16_t b = ((const uint16_t*)src)[i];
-    return kind == 1 ? bits_to_f32((uint32_t)b << 16) : half_to_f32(b);
+    return bits16_to_f32(((const uint16_t*)src)[i], kind);
 }
 
 /* This thread's buffers (scratch.h): the table build's pattern counts (kept all zero between
@@ -102,7 +106,7 @@ int edkm_fill_table(const uint16_t* ukeys, const int32_t* ucount, const int64_t*
         for (long j = 0; j < U; j++) {
             if (j < u) {
                 uint16_t p = ukeys[g * N + j];
-                float v = kind == 2 ? half_to_f32(p) : bits_to_f32((uint32_t)p << 16); /* 16-bit kinds only */
+                float v = bits16_to_f32(p, kind);
                 bad |= !(v - v == 0.0f); /* NaN or Inf */
                 keys[g * U + j] = p;
                 counts[g * U + j] = (float)ucount[g * N + j];
