@@ -96,8 +96,8 @@ def measure(config) -> list[dict]:
         for name, module, p in clustered_layers(model):
             points = p.points(module.parametrizations.weight.original)
             table, _, mass = _build(TORCH_OPS, points, p._importance())  # as the forward builds and weighs it
-            c_hist, _ = passes.table_iterate(table.values, mass, p.centroids, config.dkm.tau, config.dkm.max_iters)
-            stats = map_stats(table.values, table.counts, c_hist[:, -2], config.dkm.tau)
+            c_hist, _ = passes.table_iterate(table.values, mass, p.centroids, p.tau, config.dkm.max_iters)
+            stats = map_stats(table.values, table.counts, c_hist[:, -2], p.tau)
             for kind in (layer_kind(name), "all"):
                 kinds[kind]["nonzero"].append(stats["nonzero"])
                 kinds[kind]["window"].append(stats["window"])

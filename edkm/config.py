@@ -16,6 +16,7 @@ from typing import Any, Mapping
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 BACKENDS = ("auto", "torch", "triton", "c")
 CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
+TAU_MODES = ("global", "gap")
 
 # Module names matched against include/exclude glob patterns (fnmatch). By default the
 # embeddings and the LM head are left out: they are not nn.Linear inside the decoder and
@@ -62,6 +63,17 @@ class DKMConfig(ConfigDict):
         group_size: Output channels per LUT when grouped; must divide each selected
             layer's output features.
         tau: Softmax temperature of the soft assignment ``softmax(-||w - c||^2 / tau)``.
+        tau_mode: ``"global"``: every layer uses ``tau``. ``"gap"``: each layer's tau is
+            ``tau`` times its own centroid spacing over the median spacing of all layers
+            `edkm.prepare` clustered together, so a layer with tightly packed centroids is
+            not trained much softer than one with wide ones (at one tau of 1e-4 some of
+            SmolLM2's attention projections had most of their Fisher mass assigned with
+            probability < 0.9 while the MLPs were near hard). A layer's spacing is the
+            median squared distance between neighbouring initial centroids (adjacent
+            after sorting for ``cluster_dim`` 1, each centroid and its nearest other for
+            larger ``cluster_dim``). The factor is fixed at `edkm.prepare` and kept in the
+            layer's ``state_dict`` (``tau_scale``), so a resumed run does not recompute it
+            from trained centroids.
         max_iters: k-means iterations unrolled per forward (gradients flow through all).
         eps: Stop the iterations early once no centroid moves more than ``eps``; 0 runs
             exactly ``max_iters``.
@@ -98,6 +110,7 @@ class DKMConfig(ConfigDict):
     granularity: str = "per_tensor"
     group_size: int = 16
     tau: float = 1e-4
+    tau_mode: str = "global"
     max_iters: int = 3
     eps: float = 0.0
     uniquify: bool = True
@@ -130,6 +143,8 @@ class DKMConfig(ConfigDict):
         if self.tau < TAU_MIN:
             raise ValueError(f"tau must be >= {TAU_MIN:.3g} so that squared distance / tau stays finite in fp32 "
                              f"(16-bit weights), got {self.tau!r}")
+        if self.tau_mode not in TAU_MODES:
+            raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")
         _check_int("max_iters", self.max_iters, 1, 1000)
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")

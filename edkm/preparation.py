@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edkm.config import DKMConfig
+from edkm.config import TAU_MIN, DKMConfig
 from edkm.distributed import guard_hook
 from edkm.functional import assign_codes
 from edkm.layers import DKMWeight, LUTEmbedding, LUTLinear, clustered_layers
@@ -36,6 +36,9 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
             those layers are weighted by it (sensitivity-aware clustering, see
             `edkm.layers.DKMWeight`). Layers missing from the mapping are unweighted; a
             key that names no layer prepare clusters is an error.
+    With ``config.tau_mode="gap"`` each layer's tau is then scaled by its centroid
+    spacing relative to the others (`set_gap_taus`).
+
     Returns:
         The same model. Raises ``ValueError`` if nothing was selected or a layer's
         shape does not fit the config (the message names the layer).
@@ -77,9 +80,27 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     if unused:
         raise ValueError(f"importance given for {len(unused)} layer(s) that prepare() did not cluster first "
                          f"(unselected, too small, or a later alias of a tied weight), e.g. {unused[:3]}")
+    if config.tau_mode == "gap":
+        set_gap_taus(list(by_weight.values()), config)
     model.register_forward_pre_hook(guard_hook)  # refuses FSDP2 misuse at the first forward
     log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
     return model
+
+
+def set_gap_taus(params: list[DKMWeight], config: DKMConfig) -> None:
+    """``tau_mode="gap"``: scale each layer's tau by its centroid spacing over the median
+    spacing of ``params`` (`DKMWeight.spacing`, upper median). A layer whose centroids all
+    coincide keeps the plain tau; no layer's tau goes below `edkm.config.TAU_MIN`."""
+    spacings = [p.spacing() for p in params]
+    positive = sorted(g for g in spacings if g > 0)
+    if not positive:
+        return
+    ref = positive[len(positive) // 2]
+    for p, g in zip(params, spacings):
+        p.set_tau_scale(max(g / ref, TAU_MIN / config.tau) if g > 0 else 1.0)
+    taus = sorted(p.tau for p in params)
+    log.info("tau_mode gap: per-layer tau min %.3g, median %.3g, max %.3g over %d layers",
+             taus[0], taus[len(taus) // 2], taus[-1], len(taus))
 
 
 def selected_layers(model: nn.Module, config: DKMConfig) -> list[tuple[str, nn.Module]]:

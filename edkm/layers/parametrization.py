@@ -17,6 +17,7 @@ dimension d (consecutive input features form a vector). Per-tensor LUTs use one 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -79,6 +80,52 @@ class DKMWeight(nn.Module):
                          importance=None if imp is None else imp.float())
         self.register_buffer("centroids", c0.float())  # (G, K, d), warm start
         self.register_buffer("drift", torch.zeros(()))  # max centroid move at the last step
+        # This layer's tau is config.tau * tau_scale (`edkm.prepare` sets it for tau_mode "gap").
+        # Persistent, so a resume keeps the factor fixed at prepare; a Python copy avoids a
+        # device sync per forward.
+        self.register_buffer("tau_scale", torch.ones(()))
+        self._tau_scale = 1.0
+
+    @property
+    def tau(self) -> float:
+        """The softmax temperature this layer trains with: ``config.tau * tau_scale``."""
+        return self.config.tau * self._tau_scale
+
+    def set_tau_scale(self, scale: float) -> None:
+        """Make this layer's tau ``config.tau * scale`` (``scale`` finite and > 0)."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"tau_scale must be a finite number > 0, got {scale!r}")
+        self.tau_scale.fill_(scale)
+        self._tau_scale = float(self.tau_scale)  # the fp32 value a checkpoint restores
+
+    def spacing(self) -> float:
+        """Median squared distance between neighbouring centroids, over all LUT groups:
+        adjacent after sorting when ``cluster_dim`` is 1, else each centroid and its
+        nearest other. 0 when a LUT has a single centroid."""
+        c = self.centroids.detach().double()
+        if c.shape[1] < 2:
+            return 0.0
+        if c.shape[-1] == 1:
+            s = c[..., 0].sort(dim=1).values
+            d2 = (s[:, 1:] - s[:, :-1]) ** 2
+        else:
+            d2 = torch.cdist(c, c) ** 2
+            d2 = d2 + torch.diag_embed(torch.full(d2.shape[:2], math.inf, dtype=d2.dtype, device=d2.device))
+            d2 = d2.min(dim=-1).values
+        return float(d2.median())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "tau_scale"
+        if key not in state_dict:  # a checkpoint from before tau_mode: one tau for every layer
+            state_dict = {**state_dict, key: torch.ones(())}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        scale = float(self.tau_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            error_msgs.append(f"{key} must be a finite number > 0, got {scale!r}")
+        self._tau_scale = scale
 
     def _group_importance(self, importance: Tensor, shape: torch.Size) -> Tensor:
         """(out, in) importance -> (G, N) per point (summed over a vector's d entries), mean 1 per group."""
@@ -112,7 +159,7 @@ class DKMWeight(nn.Module):
         cast = None if cfg.cluster_dtype == "weight" else getattr(torch, cfg.cluster_dtype)
         points = to_points(weight, self.groups, cfg.cluster_dim)  # a view of the weight; dkm casts it
         with offload_saved_tensors() if cfg.offload else contextlib.nullcontext():
-            soft, new_c = dkm(points, c, tau=cfg.tau, max_iters=cfg.max_iters, eps=cfg.eps,
+            soft, new_c = dkm(points, c, tau=self.tau, max_iters=cfg.max_iters, eps=cfg.eps,
                               uniquify=cfg.uniquify, backend=cfg.backend, shard=cfg.shard,
                               importance=self._importance(), cast=cast, rebuild=cfg.rebuild)
         with torch.no_grad():
@@ -123,7 +170,8 @@ class DKMWeight(nn.Module):
     def extra_repr(self) -> str:
         G, K, d = self.centroids.shape
         weighted = ", importance-weighted" if hasattr(self, "importance") else ""
-        return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}{weighted}"
+        tau = "" if self._tau_scale == 1.0 else f", tau={self.tau:.3g}"
+        return f"groups={G}, clusters={K}, cluster_dim={d}, uniquify={self.config.uniquify}{tau}{weighted}"
 
 
 def clustered_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, DKMWeight]]:

@@ -153,3 +153,22 @@ def test_importance_weighted_training_resumes_exactly(tmp_path):
         assert torch.equal(got["model"][key], value), f"{key} differs after resume"
     with pytest.raises(ValueError, match="importance_windows=99999"):
         train(load_config(TINY, [f"run.output_dir={tmp_path / 'bad'}", "data.importance_windows=99999"]))
+
+
+def test_gap_tau_run_resumes_with_the_factors_fixed_at_the_start(tmp_path, monkeypatch):
+    over = ["optim.max_steps=4", "run.save_every=2", "run.export=false", "dkm.tau_mode=gap"]
+    train(load_config(TINY, [f"run.output_dir={tmp_path / 'ref'}", *over]))
+    want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
+    scales = {k: float(v) for k, v in want["model"].items() if k.endswith(".tau_scale")}
+    assert scales and len(set(scales.values())) > 1, scales  # the layers got their own taus
+    train(load_config(TINY, [f"run.output_dir={tmp_path / 'global'}", *over[:-1]]))
+    glob, _ = load_checkpoint(latest_checkpoint(tmp_path / "global"))
+    assert all(float(glob["model"][k]) == 1.0 for k in scales)
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *over])
+    assert train(cfg, stop_after=2).steps == 2
+    # A resume that recomputed the factors would get these (wrong) ones; the checkpoint's must win.
+    monkeypatch.setattr(edkm.layers.DKMWeight, "spacing", lambda self: float(self.centroids.numel()))
+    train(cfg, resume=True)
+    got, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), f"{key} differs after resume"
