@@ -10,10 +10,12 @@ not shrink as ``T`` grows, Hinton et al. 2015), averaged over the positions that
 
 `topk_distill_loss` is the same with the teacher known only through its ``k`` largest
 logits per position (`precompute_teacher_topk` stores them on disk, so the teacher need
-not be resident while the student trains): the teacher distribution is the softmax over
-its top-k logits (renormalised), the student's log-probabilities are the full-vocabulary
-ones gathered at those ids. With ``k`` = vocabulary size it equals `distill_loss`; for
-smaller ``k`` it ignores the teacher's tail (measure what that costs).
+not be resident while the student trains). Given also the teacher's log-normaliser per
+position, every id outside the k is pooled into one "tail" outcome on both sides: the
+loss is then the exact KL between those (k + 1)-outcome distributions, never above the
+full KL and equal to it when k is the vocabulary size. Without it the teacher's top-k is
+renormalised, which overstates how peaked the teacher is: on a flat teacher it stays
+large (log(V / k)) even for a student equal to the teacher.
 
 `DistillTrainerMixin` puts `distill_loss` into a Hugging Face ``Trainer``.
 
@@ -120,19 +122,26 @@ def topk_distill_loss(
     temperature: float = 1.0,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    teacher_logsumexp: Tensor | None = None,
 ) -> Tensor:
     """`distill_loss` with the teacher given by its top-k logits per position.
 
-    Teacher: softmax of ``teacher_values / T`` over the k stored ids (renormalised).
-    Student: full-vocabulary ``log_softmax(student_logits / T)`` gathered at those ids.
-    Loss per position: ``T**2 * sum_i p_i (log p_i - log q_i)``, which is >= 0 and 0 only
-    when the student puts on the k ids exactly the teacher's renormalised top-k mass.
+    Student: full-vocabulary ``log_softmax(student_logits / T)`` gathered at the k ids.
+    With ``teacher_logsumexp`` (``logsumexp(teacher_logits / T)`` over the full
+    vocabulary): teacher ``p_i = exp(values_i / T - logsumexp)`` at the k ids and
+    ``p_tail = 1 - sum p_i`` for all others together, student ``q_tail`` likewise; the loss
+    per position is ``T**2 * (sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail))``,
+    the KL of the pooled distributions (<= the full KL; equal when k = V). Without it the
+    teacher is ``softmax(values / T)`` over the k ids (renormalised) and the tail term is
+    dropped; that is >= 0 and 0 only when the student puts on the k ids exactly the
+    teacher's renormalised mass.
 
     Args:
         student_logits: (..., V) student logits.
         teacher_values: (..., k) teacher logits at ``teacher_indices`` (any float dtype).
-        teacher_indices: (..., k) int vocabulary ids in [0, V).
+        teacher_indices: (..., k) distinct int vocabulary ids in [0, V) per position.
         temperature, mask, reduction: as `distill_loss`.
+        teacher_logsumexp: optional (...) log-normaliser of the teacher's logits / T.
 
     Returns:
         As `distill_loss`.
@@ -144,15 +153,30 @@ def topk_distill_loss(
     if teacher_values.shape != teacher_indices.shape or teacher_values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(f"teacher values {tuple(teacher_values.shape)} and indices {tuple(teacher_indices.shape)} "
                          f"must both be (..., k) with ... = {tuple(student_logits.shape[:-1])}")
+    if teacher_logsumexp is not None and teacher_logsumexp.shape != student_logits.shape[:-1]:
+        raise ValueError(f"teacher_logsumexp shape {tuple(teacher_logsumexp.shape)} must be the logits' leading "
+                         f"shape {tuple(student_logits.shape[:-1])}")
     vocab = student_logits.shape[-1]
     idx = teacher_indices.to(device=student_logits.device, dtype=torch.long)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab):
         raise ValueError(f"teacher ids must be in [0, {vocab}), got [{int(idx.min())}, {int(idx.max())}]")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1).gather(-1, idx)  # (..., k)
-    log_p = F.log_softmax(teacher_values.detach().to(device=log_q.device, dtype=dtype) / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2  # (...)
-    return _reduce(kl, mask, reduction)
+    scaled = student_logits.to(dtype) / temperature
+    log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_q = scaled.gather(-1, idx) - log_z  # (..., k)
+    teacher = teacher_values.detach().to(device=log_q.device, dtype=dtype) / temperature
+    if teacher_logsumexp is None:
+        log_p = F.log_softmax(teacher, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _reduce(kl * temperature**2, mask, reduction)
+    log_p = teacher - teacher_logsumexp.detach().to(device=log_q.device, dtype=dtype).unsqueeze(-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    if idx.shape[-1] < vocab:  # k = V leaves no tail (and its logsumexp would be over nothing)
+        p_tail = (1 - p.sum(-1)).clamp_min(0)  # fp16-stored values can overshoot by rounding
+        log_q_tail = torch.logsumexp(scaled.scatter(-1, idx, float("-inf")), dim=-1) - log_z[..., 0]
+        kl = kl + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+    return _reduce(kl * temperature**2, mask, reduction)
 
 
 class DistillTrainerMixin:

@@ -120,6 +120,41 @@ def test_topk_matches_hand_computed_renormalised_kl():
     torch.testing.assert_close(topk_distill_loss(student, values, indices), expected, rtol=1e-12, atol=0)
 
 
+def test_topk_with_the_tail_matches_a_hand_computed_pooled_kl():
+    student = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    teacher = torch.tensor([[4.0, 0.5, -1.0, 5.0]], dtype=torch.float64)
+    for T in (1.0, 2.0):
+        p, q = (teacher[0] / T).softmax(0), (student[0] / T).softmax(0)
+        P = torch.stack([p[3], p[0], p[1] + p[2]])  # ids 3, 0 and the pooled tail {1, 2}
+        Q = torch.stack([q[3], q[0], q[1] + q[2]])
+        want = T**2 * (P * (P.log() - Q.log())).sum()
+        got = topk_distill_loss(student, teacher[:, [3, 0]], torch.tensor([[3, 0]]), temperature=T,
+                                teacher_logsumexp=torch.logsumexp(teacher / T, -1))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_topk_with_the_tail_is_below_the_full_kl_equal_at_k_v_and_zero_for_the_teacher_itself():
+    gen = torch.Generator().manual_seed(15)
+    teacher = torch.randn(8, 5, 64, generator=gen, dtype=torch.float64) * 0.3  # a flat teacher
+    student = (teacher + 0.5 * torch.randn(8, 5, 64, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    lse = torch.logsumexp(teacher / 1.5, -1)
+    full = distill_loss(student, teacher, temperature=1.5)
+    losses = []
+    for k in (1, 4, 16, 63, 64):
+        values, indices = teacher.topk(k, -1)
+        losses.append(topk_distill_loss(student, values, indices, temperature=1.5, teacher_logsumexp=lse))
+        assert topk_distill_loss(teacher, values, indices, 1.5, teacher_logsumexp=lse).abs() < 1e-12
+    assert all(a <= b + 1e-12 for a, b in zip(losses, losses[1:])), losses  # pooling less never lowers the KL
+    torch.testing.assert_close(losses[-1], full, rtol=1e-12, atol=0)
+    (g_k,) = torch.autograd.grad(losses[-1], student)
+    (g_full,) = torch.autograd.grad(full, student)
+    torch.testing.assert_close(g_k, g_full, rtol=1e-10, atol=1e-14)
+    renormalised = topk_distill_loss(teacher, *teacher.topk(4, -1))  # the student is the teacher, yet:
+    assert renormalised > 1.0  # ~log(64 / 4): why the trainer always passes the log-normaliser
+    with pytest.raises(ValueError, match=r"teacher_logsumexp shape \(8,\) must be the logits' leading shape \(8, 5\)"):
+        topk_distill_loss(student, values, indices, teacher_logsumexp=lse[:, 0])
+
+
 def test_topk_gradient_approaches_full_kl_as_k_grows():
     """A peaked teacher (like an LM's): a small k already gives nearly the full-KL gradient."""
     gen = torch.Generator().manual_seed(14)

@@ -1,17 +1,19 @@
 """Precompute the teacher's top-k logits per token to disk, so the teacher need not stay resident.
 
 `precompute_teacher_topk` runs the float model over token windows once and stores, per
-window and position, its ``k`` largest logits and their vocabulary ids in safetensors
-shards (values fp16 by default, ids int32; for 1M tokens at k = 64: 384 MB). It is
+window and position, its ``k`` largest logits, their vocabulary ids and the log-normaliser
+``logsumexp(logits / T)`` (what the tail of the distribution holds) in safetensors shards
+(values fp16 by default, ids int32, normaliser fp32; for 1M tokens at k = 64: 388 MB). It is
 resumable (whole shards are skipped on a rerun with the same settings) and shows a tqdm
 bar only when asked. `TeacherTopK` reads them back by window index for
 `edkm.distill.topk_distill_loss`::
 
     store = precompute_teacher_topk(teacher, windows, "cache/topk", k=64)
-    values, ids = store.batch(torch.tensor([3, 7]))      # (2, L, 64) each
-    loss = edkm.topk_distill_loss(student(input_ids=windows[[3, 7]]).logits, values, ids)
+    values, ids, lse = store.batch(torch.tensor([3, 7]))   # (2, L, 64), (2, L, 64), (2, L)
+    loss = edkm.topk_distill_loss(student(input_ids=windows[[3, 7]]).logits, values, ids,
+                                  teacher_logsumexp=lse)
 
-The cache's manifest holds k, the window shape, a hash of the windows' token ids and the
+The cache's manifest holds k, T, the window shape, a hash of the windows' token ids and the
 teacher's fingerprint, so a changed input is never served from a stale cache.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["precompute_teacher_topk", "TeacherTopK"]
 
-FORMAT = 1
+FORMAT = 2  # 2: with the log-normaliser per position
 
 
 def _windows_hash(windows: Tensor) -> str:
@@ -48,6 +51,7 @@ def precompute_teacher_topk(
     shard_windows: int = 256,
     values_dtype: torch.dtype = torch.float16,
     progress: bool = False,
+    temperature: float = 1.0,
 ) -> "TeacherTopK":
     """Run ``teacher`` on every window and store its top-k logits per position.
 
@@ -61,6 +65,7 @@ def precompute_teacher_topk(
         shard_windows: windows per shard file (the unit of resumption).
         values_dtype: dtype the logits are stored in (fp16: ~0.01 absolute error at |logit| 20).
         progress: show a tqdm progress bar over windows.
+        temperature: T of the stored log-normaliser (the distillation temperature).
 
     Returns:
         A `TeacherTopK` reading the cache.
@@ -73,11 +78,14 @@ def precompute_teacher_topk(
     for name, value in (("k", k), ("batch_size", batch_size), ("shard_windows", shard_windows)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     vocab = int(teacher.get_output_embeddings().weight.shape[0]) if hasattr(teacher, "get_output_embeddings") else None
     if vocab is not None and k > vocab:
         raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab}")
     n, seq_len = windows.shape
-    settings = {"format": FORMAT, "kind": "teacher_topk", "k": k, "n_windows": n, "seq_len": seq_len,
+    settings = {"format": FORMAT, "kind": "teacher_topk", "k": k, "temperature": float(temperature),
+                "n_windows": n, "seq_len": seq_len,
                 "shard_windows": shard_windows, "values_dtype": str(values_dtype).removeprefix("torch."),
                 "windows_sha256": _windows_hash(windows), "model": model_fingerprint(teacher)}
     directory = open_cache(directory, settings)
@@ -98,15 +106,17 @@ def precompute_teacher_topk(
         with torch.no_grad():
             for shard in todo:
                 rows = windows[shard * shard_windows : (shard + 1) * shard_windows]
-                values, ids = [], []
+                values, ids, lse = [], [], []
                 for batch in rows.split(batch_size):
-                    logits = teacher(input_ids=batch.to(device), use_cache=False).logits  # (B, L, V)
-                    top = logits.float().topk(k, dim=-1)
+                    logits = teacher(input_ids=batch.to(device), use_cache=False).logits.float()  # (B, L, V)
+                    top = logits.topk(k, dim=-1)
                     values.append(top.values.to(values_dtype).cpu())
                     ids.append(top.indices.to(torch.int32).cpu())
+                    lse.append(torch.logsumexp(logits / temperature, dim=-1).cpu())
                     if bar is not None:
                         bar.update(batch.shape[0])
-                write_shard(directory, shard, {"values": torch.cat(values), "indices": torch.cat(ids)})
+                write_shard(directory, shard, {"values": torch.cat(values), "indices": torch.cat(ids),
+                                               "logsumexp": torch.cat(lse)})
     finally:
         teacher.train(was_training)
         if bar is not None:
@@ -132,7 +142,11 @@ class TeacherTopK:
         if not manifest.is_file():
             raise FileNotFoundError(f"{str(self.directory)!r} holds no teacher top-k cache (no {MANIFEST})")
         self.settings = json.loads(manifest.read_text())
+        if self.settings.get("format") != FORMAT:
+            raise ValueError(f"{str(self.directory)!r} holds a teacher top-k cache of format "
+                             f"{self.settings.get('format')!r}, not {FORMAT}: delete it and precompute again")
         self.k = int(self.settings["k"])
+        self.temperature = float(self.settings["temperature"])
         self._shard_windows = int(self.settings["shard_windows"])
         self._cached: tuple[int, dict[str, Tensor]] | None = None
 
@@ -144,15 +158,16 @@ class TeacherTopK:
             self._cached = (index, read_shard(self.directory, index))
         return self._cached[1]
 
-    def batch(self, window_ids: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+    def batch(self, window_ids: Tensor | list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k teacher logits of some windows.
 
         Args:
             window_ids: indices into the windows given to `precompute_teacher_topk`.
 
         Returns:
-            ``(values, indices)``, each (len(window_ids), L, k); values in the stored dtype,
-            indices int64.
+            ``(values, indices, logsumexp)``: (len(window_ids), L, k) values in the stored
+            dtype and int64 indices, and the (len(window_ids), L) fp32
+            ``logsumexp(logits / temperature)`` (`topk_distill_loss`'s ``teacher_logsumexp``).
 
         Raises:
             IndexError: an index outside [0, len(self)).
@@ -160,9 +175,10 @@ class TeacherTopK:
         ids = torch.as_tensor(window_ids, dtype=torch.long).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
             raise IndexError(f"window ids must be in [0, {len(self)}), got {ids.tolist()}")
-        values, indices = [], []
+        values, indices, lse = [], [], []
         for i in ids.tolist():
             shard = self._shard(i // self._shard_windows)
             values.append(shard["values"][i % self._shard_windows])
             indices.append(shard["indices"][i % self._shard_windows].long())
-        return torch.stack(values), torch.stack(indices)
+            lse.append(shard["logsumexp"][i % self._shard_windows])
+        return torch.stack(values), torch.stack(indices), torch.stack(lse)

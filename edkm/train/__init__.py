@@ -6,6 +6,7 @@
     steps.py       the named steps: resume, float side, calibrate, prepare, train step (loss of
                    optim.loss: kd / ce / kd+ce), evaluate, export
     sources.py     the training windows of data.source (corpus, teacher-sampled, mix)
+    topk.py        optim.kd_topk: the teacher's top-k logits of the run's windows on disk
     domains.py     scoring on data.eval_domains (held-out, wiki, ...): ppl, ratio, KL, top-1
     schedule.py    LR and tau schedules (and re-basing the LR on resume / rollback)
     state.py       the counters and RNG states a checkpoint carries

@@ -141,6 +141,11 @@ class OptimConfig:
             training text; ``kd+ce``: ``kd + ce_weight * ce``.
         kd_temperature: Softmax temperature T of ``kd`` (the KL is scaled by T**2).
         ce_weight: Weight of the cross-entropy term of ``kd+ce``.
+        kd_topk: 0: the ``kd`` term uses the full-vocabulary logits of a resident teacher.
+            k > 0: the teacher's k largest logits per position of every training window
+            the run draws are stored under ``<output_dir>/teacher_topk`` before training
+            and the teacher is not kept for the loss (`edkm.train.topk`,
+            `edkm.distill.topk_distill_loss` with the teacher's tail pooled into one outcome).
         fsdp: Shard weights, gradients and AdamW state over the processes with FSDP2
             (accelerate's plugin, one unit per decoder layer; `edkm.train.fsdp`); DKM runs
             on the all-gathered weight. Needs a launcher (torchrun / accelerate launch;
@@ -161,6 +166,7 @@ class OptimConfig:
     loss: str = "ce"
     kd_temperature: float = 1.0
     ce_weight: float = 1.0
+    kd_topk: int = 0
     fsdp: bool = False
 
     def __post_init__(self) -> None:
@@ -176,8 +182,11 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"optim.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        for name in ("warmup_steps", "grad_accum", "batch_size", "max_steps"):
-            _positive(f"optim.{name}", getattr(self, name), minimum=0 if name == "warmup_steps" else 1)
+        for name in ("warmup_steps", "grad_accum", "batch_size", "max_steps", "kd_topk"):
+            _positive(f"optim.{name}", getattr(self, name), minimum=0 if name in ("warmup_steps", "kd_topk") else 1)
+        if self.kd_topk and self.loss == "ce":
+            raise ValueError(f"optim.kd_topk={self.kd_topk} distils from stored teacher logits, which optim.loss=ce "
+                             "does not use; set optim.loss=kd or kd+ce, or optim.kd_topk=0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"optim.weight_decay/grad_clip must be >= 0, got {self.weight_decay!r}/{self.grad_clip!r}")
         if self.tau_start is not None and not (math.isfinite(self.tau_start) and self.tau_start > 0):

@@ -112,13 +112,9 @@ def data_order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def micro_batch(train: torch.Tensor, order: torch.Tensor, micro: int, bs: int, world: int, rank: int) -> torch.Tensor:
-    """Micro-batch ``micro`` of this rank: consecutive slices of the permutation, wrapping
-    around (and reshuffling per epoch) when the data runs out.
-
-    Returns:
-        (bs, L) token windows.
-    """
+def micro_indices(order: torch.Tensor, micro: int, bs: int, world: int, rank: int) -> list[int]:
+    """Training-window indices of micro-batch ``micro`` of this rank: consecutive slices of
+    the permutation, wrapping around (and reshuffling per epoch) when the data runs out."""
     n = order.numel()
     start = (micro * world + rank) * bs
     idx = []
@@ -126,4 +122,13 @@ def micro_batch(train: torch.Tensor, order: torch.Tensor, micro: int, bs: int, w
         epoch, pos = divmod(i, n)
         perm = order if epoch == 0 else data_order(n, epoch * 7919 + int(order[0]))
         idx.append(int(perm[pos]))
-    return train[idx]
+    return idx
+
+
+def micro_batch(train: torch.Tensor, order: torch.Tensor, micro: int, bs: int, world: int, rank: int) -> torch.Tensor:
+    """Micro-batch ``micro`` of this rank (`micro_indices`).
+
+    Returns:
+        (bs, L) token windows.
+    """
+    return train[micro_indices(order, micro, bs, world, rank)]

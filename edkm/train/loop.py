@@ -73,6 +73,7 @@ from edkm.train.steps import (
     resume_point,
     train_step,
 )
+from edkm.train.topk import heldout_reference, teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         ppl_before = evaluate(model, heldout, acc)
         log.info("perplexity before clustering: %.3f on %d held-out tokens", ppl_before, heldout.numel())
     windows, teacher, domains = float_side(model, tokenizer, windows, heldout, config, acc.device, ppl_before)
+    order = data_order(windows.train.shape[0], config.run.seed)
+    topk, heldout_logits = None, None
+    if config.optim.kd_topk:  # the float model's top-k logits to disk now; it is not kept for the loss
+        topk = teacher_topk(model, windows.train, order, config, out, acc)
+        if teacher is None and config.score_by == "kl":
+            heldout_logits = heldout_reference(model, heldout, domains)
     importance = calibrate(model, windows.train, config, acc.device)
     model, opt, sched = prepare_model(model, config, importance, acc.device)
     del importance  # the layers keep a bf16 copy; free the fp32 Fisher
@@ -159,8 +166,7 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         ts = fsdp.load(latest_checkpoint(out), model, opt, sched, guard)
     if resume:
         _apply_changes(applied, opt, sched, config, ts)
-    order = data_order(windows.train.shape[0], config.run.seed)
-    run = Run(config, acc, model, opt, sched, windows, heldout, order, out, teacher, domains)
+    run = Run(config, acc, model, opt, sched, windows, heldout, order, out, teacher, domains, topk, heldout_logits)
     history = (manifest or {}).get("meta", {}).get("resumed", []) + (
         [{"step": ts.step, "applied": {k: list(v) for k, v in applied.items()}}] if resume else [])
     meta = {"config": config.to_dict(), "ppl_before": ppl_before, "world_size": acc.num_processes, "resumed": history}
@@ -232,7 +238,8 @@ def _heldout(run: Run) -> tuple[float, float | None, float]:
     """``(perplexity, KL or None, score)`` of the current weights on the held-out windows;
     the score is the one of ``run.best_by`` (every rank under FSDP2; rank 0's numbers)."""
     by = run.config.score_by
-    ppl, kl = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc, by == "kl")
+    ppl, kl = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc, by == "kl",
+                             run.heldout_logits)
     if run.config.optim.fsdp:
         ppl, kl = from_rank0((ppl, kl))
     return ppl, kl, kl if by == "kl" else ppl

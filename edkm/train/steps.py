@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from edkm.distill import distill_loss
+from edkm.distill import distill_loss, topk_distill_loss
 from edkm.export import export_compressed
 from edkm.hub.text import TokenWindows
 from edkm.importance import fisher_importance
 from edkm.preparation import centroid_drift, finalize, prepare
 from edkm.train.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
 from edkm.train.config import TrainConfig
-from edkm.train.data import micro_batch
+from edkm.train.data import micro_indices
 from edkm.train.guard import first_bad_grad
 from edkm.train.resume import config_changes
 from edkm.train.schedule import lr_lambda, set_tau, tau_at
@@ -57,6 +57,9 @@ class Run:
             the report uses stored float logits; `step_loss` ignores it for ``ce``).
         domains: The evaluation domains with the float model's numbers
             (`edkm.train.domains.reference_domains`).
+        topk: ``optim.kd_topk``'s stored teacher logits (`edkm.train.topk.TopKTeacher`).
+        heldout_logits: The float model's logits on ``heldout`` for the checkpoints' KL
+            when no teacher is resident (`edkm.train.topk.heldout_reference`).
     """
 
     config: TrainConfig
@@ -70,6 +73,8 @@ class Run:
     out: Path
     teacher: torch.nn.Module | None = None
     domains: list = field(default_factory=list)
+    topk: Any = None
+    heldout_logits: torch.Tensor | None = None
 
 
 def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
@@ -131,24 +136,28 @@ def make_teacher(model: torch.nn.Module, config: TrainConfig, device: torch.devi
     taken before `edkm.prepare`, in eval mode, without gradients, on ``device``.
 
     Returns:
-        The teacher, or None for ``optim.loss=ce`` (no copy is made, for memory).
+        The teacher, or None for ``optim.loss=ce`` and with ``optim.kd_topk`` (no copy is
+        made, for memory).
     """
-    if config.optim.loss == "ce":
+    if config.optim.loss == "ce" or config.optim.kd_topk:
         return None
     return copy.deepcopy(model).eval().requires_grad_(False).to(device)
 
 
 def step_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torch.Tensor,
-              config: TrainConfig) -> torch.Tensor:
+              config: TrainConfig, topk: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """The training loss of one micro-batch for ``optim.loss``.
 
     ``ce``: the model's own next-token cross-entropy (``labels=ids``). ``kd``:
     ``distill_loss(student logits, teacher logits, optim.kd_temperature)`` over every
-    position and the full vocabulary. ``kd+ce``: ``kd + optim.ce_weight * ce``.
+    position and the full vocabulary, or with ``topk`` `topk_distill_loss` on the
+    teacher's stored top-k logits. ``kd+ce``: ``kd + optim.ce_weight * ce``.
 
     Args:
-        model: The student. teacher: The frozen float model (unused for ``ce``).
+        model: The student. teacher: The frozen float model (unused for ``ce`` or with ``topk``).
         ids: (B, L) token windows. config: The run's config.
+        topk: ``(values, ids, logsumexp)`` of ``ids``: the teacher's (B, L, k) top-k logits and
+            their vocabulary ids, and its (B, L) log-normaliser at ``optim.kd_temperature``.
     Returns:
         The scalar loss.
     """
@@ -156,6 +165,10 @@ def step_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torc
     if o.loss == "ce":
         return model(input_ids=ids, labels=ids).loss
     out = model(input_ids=ids, labels=ids if o.loss == "kd+ce" else None)
+    if topk is not None:
+        values, indices, lse = topk
+        loss = topk_distill_loss(out.logits, values, indices, temperature=o.kd_temperature, teacher_logsumexp=lse)
+        return loss + o.ce_weight * out.loss if o.loss == "kd+ce" else loss
     with torch.no_grad():
         target = teacher(input_ids=ids, use_cache=False).logits  # (B, L, V)
     loss = distill_loss(out.logits, target, temperature=o.kd_temperature)
@@ -211,11 +224,11 @@ def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, 
     loss_sum, tokens, world = 0.0, 0, acc.num_processes
     norm, bad = None, None
     for _ in range(config.optim.grad_accum):
-        ids = micro_batch(run.windows.train, run.order, ts.micro, config.optim.batch_size, world,
-                          acc.process_index).to(acc.device)
+        idx = micro_indices(run.order, ts.micro, config.optim.batch_size, world, acc.process_index)
+        ids = run.windows.train[idx].to(acc.device)
         ts.micro += 1
         with acc.accumulate(model):
-            loss = step_loss(model, run.teacher, ids, config)
+            loss = step_loss(model, run.teacher, ids, config, None if run.topk is None else run.topk.batch(idx))
             acc.backward(loss)
             if acc.sync_gradients:
                 norm, bad = _grad_norm(model, config)
@@ -244,9 +257,10 @@ def evaluate(model: torch.nn.Module, heldout: torch.Tensor, acc: Any) -> float:
 
 
 def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, heldout: torch.Tensor, acc: Any,
-                   with_kl: bool) -> tuple[float, float | None]:
+                   with_kl: bool, teacher_logits: torch.Tensor | None = None) -> tuple[float, float | None]:
     """Held-out perplexity of ``model`` and, with ``with_kl``, its mean per-token
-    KL(teacher || model) on the same predictions (one pass of each model; eval mode).
+    KL(teacher || model) on the same predictions (one pass of each model; eval mode;
+    the teacher's stored ``teacher_logits`` on ``heldout`` instead of ``teacher`` if given).
 
     Returns:
         ``(ppl, kl)``: ``kl`` None without ``with_kl``; ``ppl`` inf when the mean loss is too
@@ -258,7 +272,8 @@ def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, held
         with acc.autocast():
             if not with_kl:
                 return perplexity(model, heldout.to(acc.device), batch_size=4), None
-            f = fidelity(model, teacher, heldout.to(acc.device), batch_size=4)
+            f = fidelity(model, None if teacher_logits is not None else teacher, heldout.to(acc.device), batch_size=4,
+                         cached_teacher_logits=teacher_logits)
     except OverflowError:
         log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
         return float("inf"), float("inf") if with_kl else None

@@ -28,20 +28,26 @@ def test_stored_topk_equals_live_teacher_topk(teacher, tmp_path):
     with torch.no_grad():
         live = teacher(input_ids=windows).logits.topk(8, -1)
     pick = torch.tensor([4, 0, 3])
-    values, ids = store.batch(pick)
-    assert values.shape == ids.shape == (3, 9, 8) and ids.dtype == torch.int64
+    values, ids, lse = store.batch(pick)
+    assert values.shape == ids.shape == (3, 9, 8) and ids.dtype == torch.int64 and lse.shape == (3, 9)
+    with torch.no_grad():
+        full = teacher(input_ids=windows).logits
+    torch.testing.assert_close(lse, torch.logsumexp(full[pick], -1), rtol=0, atol=1e-5)
     torch.testing.assert_close(values, live.values[pick], rtol=0, atol=1e-5)  # batch-size-dependent GEMMs
     assert torch.equal(ids, live.indices[pick])
     student = tiny_llama(hidden=32, layers=1, seed=1)
     logits = student(input_ids=windows[pick]).logits
     torch.testing.assert_close(topk_distill_loss(logits, values, ids),
                                topk_distill_loss(logits, live.values[pick], live.indices[pick]), rtol=1e-5, atol=1e-6)
+    hot = precompute_teacher_topk(teacher, windows, tmp_path / "t2", k=8, temperature=2.0)
+    torch.testing.assert_close(hot.batch([1])[2], torch.logsumexp(full[1:2] / 2.0, -1), rtol=0, atol=1e-5)
+    assert hot.temperature == 2.0
 
 
 def test_fp16_values_and_reopen_from_directory(teacher, tmp_path):
     windows = _windows(3)
     precompute_teacher_topk(teacher, windows, tmp_path, k=4)
-    values, _ = TeacherTopK(tmp_path).batch([2])
+    values, _, _ = TeacherTopK(tmp_path).batch([2])
     assert values.dtype == torch.float16
     with torch.no_grad():
         live = teacher(input_ids=windows[2:3]).logits.topk(4, -1).values
@@ -72,6 +78,12 @@ def test_other_settings_in_the_same_directory_are_refused(teacher, tmp_path):
         precompute_teacher_topk(teacher, windows + 1, tmp_path, k=4)
     with pytest.raises(ValueError, match="model"):
         precompute_teacher_topk(tiny_llama(hidden=32, layers=1, seed=9), windows, tmp_path, k=4)
+    with pytest.raises(ValueError, match="temperature=1.0, not 2.0"):
+        precompute_teacher_topk(teacher, windows, tmp_path, k=4, temperature=2.0)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 1'))
+    with pytest.raises(ValueError, match="format 1, not 2: delete it"):
+        TeacherTopK(tmp_path)
 
 
 def test_progress_bar_only_when_asked(teacher, tmp_path, capsys):
@@ -89,5 +101,7 @@ def test_bad_inputs_name_the_value(teacher, tmp_path):
     store = precompute_teacher_topk(teacher, _windows(2), tmp_path, k=2)
     with pytest.raises(IndexError, match="2"):
         store.batch([2])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        precompute_teacher_topk(teacher, _windows(2), tmp_path / "z", k=2, temperature=0)
     with pytest.raises(FileNotFoundError, match="no teacher top-k cache"):
         TeacherTopK(tmp_path / "nothing")
