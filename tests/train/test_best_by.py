@@ -34,7 +34,7 @@ def _cfg(out, *over):
 def _scripted(monkeypatch):
     calls = []
 
-    def fake(model, teacher, heldout, acc, with_kl):
+    def fake(model, teacher, heldout, acc, with_kl, teacher_logits=None):
         ppl, kl = SCRIPT[len(calls)]
         calls.append(with_kl)
         return ppl, kl if with_kl else None
