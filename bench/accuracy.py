@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW LR of every fine-tune (default 2e-4)")
     p.add_argument("--tau", type=float, default=1e-4, help="DKM temperature, ours and ct_dkm (default 1e-4)")
+    p.add_argument("--tau-mode", default="global", choices=("global", "gap"),
+                   help="ours: one tau for every layer, or each layer's from its centroid spacing (DKMConfig.tau_mode)")
     p.add_argument("--iters", type=int, default=3, help="DKM iterations per forward (default 3)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--eval-windows", type=int, help="held-out windows scored")
@@ -136,8 +138,8 @@ def rtn_(model: nn.Module, names: list[str], bits: int, group_size: int) -> None
 def dkm_config(args: argparse.Namespace, bits: int, names: list[str]) -> edkm.DKMConfig:
     """edkm's settings for a row: grouped LUTs on exactly ``names``, fp32 master weights clustered as bf16."""
     return edkm.DKMConfig(bits=bits, granularity="per_grouped_channel", group_size=args.group_size,
-                          cluster_dtype="bfloat16", tau=args.tau, max_iters=args.iters, include=tuple(names),
-                          min_weight_numel=0)
+                          cluster_dtype="bfloat16", tau=args.tau, tau_mode=args.tau_mode, max_iters=args.iters,
+                          include=tuple(names), min_weight_numel=0)
 
 
 def finetune(model: nn.Module, train: torch.Tensor, args: argparse.Namespace, label: str,
@@ -188,7 +190,7 @@ class Bench:
         self.tags = {**env_info(torch.device("cpu")), "bench": "accuracy", "quick": args.quick,
                      "model": args.model, "layers_clustered": len(self.names), "group_size": args.group_size,
                      "steps": args.steps, "batch_size": args.batch_size,
-                     "lr": args.lr, "tau": args.tau, "seq_len": args.seq_len,
+                     "lr": args.lr, "tau": args.tau, "tau_mode": args.tau_mode, "seq_len": args.seq_len,
                      "train_tokens": args.steps * args.batch_size * args.seq_len,
                      "calib_tokens": self.calib.numel(), "eval_tokens": heldout.numel(),
                      "eval_predictions": heldout.shape[0] * (heldout.shape[1] - 1), "domains": list(domains)}

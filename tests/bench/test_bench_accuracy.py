@@ -55,3 +55,10 @@ def test_bad_arguments_are_errors_naming_the_value(capsys):
         with pytest.raises(SystemExit):
             accuracy.parse_args(argv)
         assert bad in capsys.readouterr().err
+
+
+def test_tau_mode_flag_reaches_our_rows_config():
+    assert accuracy.dkm_config(accuracy.parse_args([]), 4, ["a"]).tau_mode == "global"
+    assert accuracy.dkm_config(accuracy.parse_args(["--tau-mode", "gap"]), 3, ["a"]).tau_mode == "gap"
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--tau-mode", "layer"])
