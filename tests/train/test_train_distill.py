@@ -107,7 +107,7 @@ def test_presets_losses_and_two_domains():
         quality = load_config(root / f"smollm2-135m-{bits}bit-quality.yaml")
         assert (quality.optim.loss, quality.data.source, quality.optim.max_steps, quality.dkm.bits) == \
             ("kd", "mix", 96, bits)
-        assert quality.dkm.tau_mode == "gap"
+        assert (quality.dkm.tau_mode, quality.dkm.group_size) == ("gap", 2)  # bench/README, exports table
 
 
 def test_resume_refuses_a_changed_loss_temperature_or_source(tmp_path):
