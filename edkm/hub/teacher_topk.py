@@ -37,7 +37,8 @@ __all__ = ["precompute_teacher_topk", "TeacherTopK"]
 FORMAT = 2  # 2: with the log-normaliser per position
 
 
-def _windows_hash(windows: Tensor) -> str:
+def windows_hash(windows: Tensor) -> str:
+    """A 32-hex-digit SHA-256 prefix of token windows' int64 ids (the cache manifest's key)."""
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:32]
 
 
@@ -87,7 +88,7 @@ def precompute_teacher_topk(
     settings = {"format": FORMAT, "kind": "teacher_topk", "k": k, "temperature": float(temperature),
                 "n_windows": n, "seq_len": seq_len,
                 "shard_windows": shard_windows, "values_dtype": str(values_dtype).removeprefix("torch."),
-                "windows_sha256": _windows_hash(windows), "model": model_fingerprint(teacher)}
+                "windows_sha256": windows_hash(windows), "model": model_fingerprint(teacher)}
     directory = open_cache(directory, settings)
     n_shards = -(-n // shard_windows)
     todo = [i for i in range(n_shards) if not shard_path(directory, i).is_file()]

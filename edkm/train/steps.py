@@ -168,10 +168,10 @@ def step_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torc
     if topk is not None:
         values, indices, lse = topk
         loss = topk_distill_loss(out.logits, values, indices, temperature=o.kd_temperature, teacher_logsumexp=lse)
-        return loss + o.ce_weight * out.loss if o.loss == "kd+ce" else loss
-    with torch.no_grad():
-        target = teacher(input_ids=ids, use_cache=False).logits  # (B, L, V)
-    loss = distill_loss(out.logits, target, temperature=o.kd_temperature)
+    else:
+        with torch.no_grad():
+            target = teacher(input_ids=ids, use_cache=False).logits  # (B, L, V)
+        loss = distill_loss(out.logits, target, temperature=o.kd_temperature)
     return loss + o.ce_weight * out.loss if o.loss == "kd+ce" else loss
 
 

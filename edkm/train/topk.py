@@ -15,7 +15,6 @@ float logits when they are smaller than a copy of the model, else the copy).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -72,11 +71,11 @@ def teacher_topk(model: torch.nn.Module, train: Tensor, order: Tensor, config: T
     Returns:
         A `TopKTeacher`. Raises ``ValueError`` when k exceeds the vocabulary.
     """
-    from edkm.hub.teacher_topk import TeacherTopK, precompute_teacher_topk
+    from edkm.hub.teacher_topk import TeacherTopK, precompute_teacher_topk, windows_hash
 
     index = run_windows(order, config, acc.num_processes)
     windows = train[index]
-    key = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    key = windows_hash(windows)[:16]
     root = out / "teacher_topk"
     directory = root / f"{key}-k{config.optim.kd_topk}"
     if acc.is_main_process:
