@@ -17,6 +17,10 @@ GRANULARITIES = ("per_tensor", "per_grouped_channel")
 BACKENDS = ("auto", "torch", "triton", "c")
 CLUSTER_DTYPES = ("weight", "bfloat16", "float16")
 TAU_MODES = ("global", "gap")
+# Fields a `DKMConfig.layers` entry may set for the layers its pattern matches: the LUT's
+# shape (how many centroids, over which weights). Training settings (tau, iterations,
+# backend) stay global so the trainer's schedules apply to every layer alike.
+LAYER_KEYS = ("bits", "group_size", "granularity", "cluster_dim")
 
 # Module names matched against include/exclude glob patterns (fnmatch). By default the
 # embeddings and the LM head are left out: they are not nn.Linear inside the decoder and
@@ -103,6 +107,13 @@ class DKMConfig(ConfigDict):
         min_weight_numel: Layers with fewer weights than this are left alone.
         init_iters: Lloyd iterations of the one-off k-means that initialises centroids.
         seed: Seed of the k-means++ initialisation.
+        layers: Per-layer LUT shapes (mixed precision): ``{glob pattern: {key: value}}``
+            with keys from ``LAYER_KEYS`` (``bits``, ``group_size``, ``granularity``,
+            ``cluster_dim``), e.g. ``{"*.v_proj": {"bits": 5}}``. A layer takes the
+            first pattern (in order) that matches its module name, else the top-level
+            values; patterns select nothing by themselves (``include`` / ``exclude``
+            do). `for_layer` gives a layer's config. Stored as a tuple of
+            ``(pattern, ((key, value), ...))``; ``to_dict`` writes the mapping back.
     """
 
     bits: int = 4
@@ -125,6 +136,7 @@ class DKMConfig(ConfigDict):
     min_weight_numel: int = 1024
     init_iters: int = 30
     seed: int = 0
+    layers: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from YAML become tuples so the config stays hashable and frozen.
@@ -166,6 +178,26 @@ class DKMConfig(ConfigDict):
         for pattern in self.include + self.exclude:
             if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"include/exclude patterns must be non-empty strings, got {pattern!r}")
+        object.__setattr__(self, "layers", _layer_entries(self.layers))
+        for pattern, items in self.layers:  # each entry must make a valid config
+            try:
+                dataclasses.replace(self, layers=(), **dict(items))
+            except ValueError as err:
+                raise ValueError(f"layers[{pattern!r}]: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (tuples become lists, ``layers`` a ``{pattern: {key: value}}``)."""
+        out = super().to_dict()
+        out["layers"] = {pattern: dict(items) for pattern, items in self.layers}
+        return out
+
+    def for_layer(self, name: str) -> "DKMConfig":
+        """The config of the layer called ``name``: the first matching ``layers`` entry's
+        values over the top-level ones (``layers`` emptied), or this config's values."""
+        for pattern, items in self.layers:
+            if fnmatch.fnmatchcase(name, pattern):
+                return dataclasses.replace(self, layers=(), **dict(items))
+        return dataclasses.replace(self, layers=()) if self.layers else self
 
     @property
     def n_clusters(self) -> int:
@@ -178,6 +210,31 @@ class DKMConfig(ConfigDict):
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.include)
+
+
+def _layer_entries(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """``layers`` as given (a mapping, or pairs of pattern and mapping / items) in canonical form."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, (list, tuple)) and len(e) == 2 for e in value):
+        pairs = list(value)
+    else:
+        raise ValueError(f"layers must be a mapping {{pattern: {{key: value}}}}, got {value!r}")
+    out = []
+    for pattern, items in pairs:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"layers patterns must be non-empty strings, got {pattern!r}")
+        try:
+            items = dict(items) if isinstance(items, (Mapping, list, tuple)) else items
+        except (TypeError, ValueError):
+            pass
+        if not isinstance(items, dict) or not items:
+            raise ValueError(f"layers[{pattern!r}] must be a non-empty mapping of {LAYER_KEYS}, got {items!r}")
+        bad = sorted(set(items) - set(LAYER_KEYS))
+        if bad:
+            raise ValueError(f"layers[{pattern!r}]: key(s) {bad} cannot differ per layer; allowed: {list(LAYER_KEYS)}")
+        out.append((pattern, tuple(sorted(items.items()))))
+    return tuple(out)
 
 
 def _check_int(name: str, value: Any, lo: int | None, hi: int | None) -> None:

@@ -10,6 +10,7 @@ one shared parametrization, so they stay tied and are clustered once.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Mapping
 
 import torch
@@ -30,7 +31,8 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     Args:
         model: Any module; ``nn.Linear`` (and with ``config.include_embeddings``
             ``nn.Embedding``) submodules whose names match the config are clustered.
-        config: Clustering settings.
+        config: Clustering settings (each layer's from `DKMConfig.for_layer`, so
+            ``config.layers`` can give some layers other bits or LUT groups).
         importance: Optional ``{module name: (out, in) sensitivity}`` (for instance
             `edkm.fisher_importance`): the k-means init and the DKM centroid updates of
             those layers are weighted by it (sensitivity-aware clustering, see
@@ -60,7 +62,7 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
                 imp = None if importance is None else importance.get(name)
                 if imp is not None:
                     used.add(name)
-                param = DKMWeight(weight, config, imp)
+                param = DKMWeight(weight, config.for_layer(name), imp)
             except ValueError as err:
                 raise ValueError(f"cannot cluster layer {name!r}: {err}") from err
             by_weight[id(weight)] = param
@@ -83,7 +85,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     if config.tau_mode == "gap":
         set_gap_taus(list(by_weight.values()), config)
     model.register_forward_pre_hook(guard_hook)  # refuses FSDP2 misuse at the first forward
-    log.info("prepared %d layers for %d-bit DKM (%s)", chosen, config.bits, config.granularity)
+    shapes = Counter(f"{p.config.bits}-bit {p.config.granularity}"
+                     + (f" {p.config.group_size} rows" if p.config.granularity == "per_grouped_channel" else "")
+                     for p in by_weight.values())
+    log.info("prepared %d layers for DKM: %s", chosen, ", ".join(f"{n} x {k}" for k, n in shapes.items()))
     return model
 
 
