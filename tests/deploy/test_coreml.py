@@ -120,6 +120,20 @@ def test_vector_luts_and_tied_embedding(tmp_path):
         assert np.array_equal(decoded.view(np.uint16), m.dense_weight().half().numpy().view(np.uint16)), name
 
 
+def test_mixed_widths_keep_each_layers_bits_and_pad_five_to_six(tmp_path):
+    model = _finalized(4, granularity="per_grouped_channel", min_weight_numel=0,
+                       layers={"*.v_proj": {"bits": 5}, "*.k_proj": {"bits": 2, "group_size": 8}})
+    info = export_coreml(model, tmp_path / "m.mlpackage", prefill_len=4, context=16, functions=("decode",))
+    ops = {o["name"]: o for o in MLPackage(tmp_path / "m.mlpackage").lut_ops("decode")}
+    for name, m in _lut_layers(model).items():
+        want = {"v_proj": 6, "k_proj": 2}.get(name.rsplit(".", 1)[-1], 4)  # Core ML has no 5-bit indices
+        op = ops[lut_op_name(name)]
+        assert info["bits"][name] == op["bits"] == want, name
+        assert op["lut"].shape[2] == 2**want and op["lut"].shape[0] == m.lut.shape[0], name
+        decoded = op["weight"]
+        assert np.array_equal(decoded.view(np.uint16), m.dense_weight().half().numpy().view(np.uint16)), name
+
+
 def test_static_graph_matches_hf_prefill_then_decode():
     model = _finalized(3, granularity="per_grouped_channel")
     ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(0))
