@@ -178,7 +178,8 @@ def _train(args: argparse.Namespace) -> int:
     if result.steps < config.optim.max_steps:
         print(f"stopped at step {result.steps}/{config.optim.max_steps}; checkpoint in {result.output_dir}")
         return 0
-    print(f"perplexity before: {result.ppl_before:.3f}   after ({config.dkm.bits}-bit DKM): {result.ppl_after:.3f}")
+    widths = f"{config.dkm.bits}-bit DKM" + (", other widths per dkm.layers" if config.dkm.layers else "")
+    print(f"perplexity before: {result.ppl_before:.3f}   after ({widths}): {result.ppl_after:.3f}")
     from edkm.train.domains import format_report
 
     for line in format_report(result.domains):
