@@ -108,6 +108,10 @@ def test_presets_losses_and_two_domains():
         assert (quality.optim.loss, quality.data.source, quality.optim.max_steps, quality.dkm.bits) == \
             ("kd", "mix", 96, bits)
         assert (quality.dkm.tau_mode, quality.dkm.group_size) == ("gap", 2)  # bench/README, exports table
+    kv = load_config(root / "smollm2-135m-4bit-quality.yaml").dkm  # 5-bit k/v: wiki 1.130x against 1.157x
+    assert [kv.for_layer(f"model.layers.3.self_attn.{p}").bits for p in ("q_proj", "k_proj", "v_proj", "o_proj")] \
+        == [4, 5, 5, 4]
+    assert kv.for_layer("model.layers.3.mlp.down_proj").bits == 4
 
 
 def test_resume_refuses_a_changed_loss_temperature_or_source(tmp_path):
