@@ -105,8 +105,9 @@ def test_presets_losses_and_two_domains():
     assert load_config(TINY).optim.loss == "ce"
     for bits in (4, 3):
         quality = load_config(root / f"smollm2-135m-{bits}bit-quality.yaml")
+        steps = {4: 96, 3: 288}[bits]  # 3 bits keeps improving past 96 steps, 4 bits does not (bench/README)
         assert (quality.optim.loss, quality.data.source, quality.optim.max_steps, quality.dkm.bits) == \
-            ("kd", "mix", 96, bits)
+            ("kd", "mix", steps, bits)
         assert (quality.dkm.tau_mode, quality.dkm.group_size) == ("gap", 2)  # bench/README, exports table
     kv = load_config(root / "smollm2-135m-4bit-quality.yaml").dkm  # 5-bit k/v: wiki 1.130x against 1.157x
     assert [kv.for_layer(f"model.layers.3.self_attn.{p}").bits for p in ("q_proj", "k_proj", "v_proj", "o_proj")] \
