@@ -45,7 +45,7 @@ def test_for_layer_first_match_wins_and_keeps_the_rest():
     assert cfg.for_layer("x.v_proj").tau == 3e-4  # only the listed keys change
 
 
-def test_layers_round_trip_through_dict_and_yaml_override(tmp_path):
+def test_layers_round_trip_through_dict_and_yaml_override():
     cfg = mixed_config()
     assert edkm.DKMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.to_dict()["layers"] == MIXED
@@ -73,7 +73,7 @@ def test_bad_layers_in_a_train_config_is_a_config_error():
 
 
 def test_a_group_size_that_does_not_fit_names_the_layer():
-    model = tiny_llama(hidden=64, layers=1, intermediate=128)  # k/v projections: 64 / 4 heads... 16 rows
+    model = tiny_llama(hidden=64, layers=1, intermediate=128)  # o_proj: 64 output rows, not a multiple of 48
     cfg = edkm.DKMConfig(granularity="per_grouped_channel", group_size=4, min_weight_numel=0,
                          layers={"*.o_proj": {"group_size": 48}})
     with pytest.raises(ValueError, match=r"o_proj.*group_size=48"):
