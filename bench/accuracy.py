@@ -28,8 +28,12 @@ fp16 LUTs / scales / zeros; `bench.accuracy_quant.bits_per_weight`). Rows:
     gptq_g<G>     GPTQ (pip llmcompressor), symmetric, scale per G columns, calibrated on
                   the same windows as ours' Fisher
 
+``--layer-bits GLOB=BITS,...`` gives the edkm rows (kmeans, ours_init, ours) mixed widths
+(`edkm.DKMConfig.layers`, first match wins; the row records them as ``layer_bits``); the
+other rows stay at ``--bits``, so compare them at equal ``bits_per_weight``.
+
 Every clustered row is checked to hold at most 2**bits distinct values per LUT group
-(``lut_violations`` 0; for hqq / gptq, per quantisation group). hqq / gptq come from the
+(``lut_violations`` 0; each layer at its own width; for hqq / gptq, per quantisation group). hqq / gptq come from the
 ``peers`` extra (``pip install -e .[peers]``); a missing package is an error row, and so is
 a GPTQ group that does not divide a layer's input width (SmolLM2: 576 = 4.5 x 128).
 Fine-tunes share one loop (`finetune`): AdamW, cosine LR, grad clip 1, batches of ``--batch-size``
@@ -95,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="cluster only decoder layers 0..N-1 in every row (default: all)")
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"),
                    help="tiny: a random 2-layer LLaMA on random tokens (a smoke test of the bench)")
+    p.add_argument("--layer-bits", default="",
+                   help="mixed precision of the edkm rows (kmeans, ours_init, ours): comma-separated GLOB=BITS, "
+                        "first match wins (DKMConfig.layers), e.g. '*.k_proj=5,*.v_proj=5'; other rows stay at --bits")
     p.add_argument("--no-importance", action="store_true", help="ours without the Fisher weighting (ablation)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", help="append the rows as JSON lines to this file (after every row)")
@@ -106,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = args.methods.split(",")
     args.peer_groups = [int(g) for g in args.peer_groups.split(",") if g]
     args.domains = [d for d in args.domains.split(",") if d]
+    args.layer_bits = _layer_bits(p, args.layer_bits)
     if any(g < 8 or g % 8 for g in args.peer_groups):
         p.error(f"--peer-groups must be multiples of 8, got {args.peer_groups}")
     bad = [m for m in args.methods if m not in ALL_METHODS]
@@ -119,6 +127,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def _layer_bits(p: argparse.ArgumentParser, spec: str) -> dict[str, int]:
+    """``--layer-bits`` 'GLOB=BITS,...' as an ordered {glob: bits}; a bad entry is a usage error naming it."""
+    out: dict[str, int] = {}
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        glob, sep, bits = item.rpartition("=")
+        if not sep or not glob or not bits.strip().isdigit() or not 1 <= int(bits) <= 8:
+            p.error(f"--layer-bits entries are GLOB=BITS with BITS in 1..8, got {item!r}")
+        out[glob.strip()] = int(bits)
+    return out
 
 
 # ----------------------------------------------------------------------------- methods
@@ -136,10 +155,12 @@ def rtn_(model: nn.Module, names: list[str], bits: int, group_size: int) -> None
 
 
 def dkm_config(args: argparse.Namespace, bits: int, names: list[str]) -> edkm.DKMConfig:
-    """edkm's settings for a row: grouped LUTs on exactly ``names``, fp32 master weights clustered as bf16."""
+    """edkm's settings for a row: grouped LUTs on exactly ``names``, fp32 master weights clustered as
+    bf16, ``--layer-bits`` as per-layer widths."""
     return edkm.DKMConfig(bits=bits, granularity="per_grouped_channel", group_size=args.group_size,
                           cluster_dtype="bfloat16", tau=args.tau, tau_mode=args.tau_mode, max_iters=args.iters,
-                          include=tuple(names), min_weight_numel=0)
+                          include=tuple(names), min_weight_numel=0,
+                          layers={glob: {"bits": b} for glob, b in args.layer_bits.items()})
 
 
 def finetune(model: nn.Module, train: torch.Tensor, args: argparse.Namespace, label: str,
@@ -240,10 +261,19 @@ class Bench:
                 if method not in ("fp", "fp_finetune"):
                     getattr(self, method)(bits)
 
-    def lut_bpw(self, bits: int) -> dict:
-        """bits_per_weight of one fp16 LUT per ``--group-size`` rows on every clustered layer."""
+    def lut_bpw(self, bits: int | dict[str, int]) -> dict:
+        """bits_per_weight of one fp16 LUT per ``--group-size`` rows on every clustered layer
+        (``bits``: one width, or each layer's by name)."""
+        width = bits if isinstance(bits, dict) else dict.fromkeys(self.names, bits)
         return {"bits_per_weight": quant.bits_per_weight(
-            quant.lut_storage(s, bits, self.args.group_size) for s in self.shapes())}
+            quant.lut_storage(s, width[n], self.args.group_size) for n, s in zip(self.names, self.shapes()))}
+
+    def edkm_widths(self, cfg: edkm.DKMConfig) -> tuple[dict[str, int], dict, Callable[[nn.Module], int]]:
+        """Each layer's width under ``cfg``, the row's extra fields (``layer_bits`` when mixed) and
+        its LUT check (at most 2**width values per group of each layer)."""
+        width = {n: cfg.for_layer(n).bits for n in self.names}
+        extra = {"layer_bits": dict(self.args.layer_bits)} if self.args.layer_bits else {}
+        return width, extra, lambda m: peers.count_lut_violations(m, self.names, width, self.args.group_size)
 
     def rtn(self, bits: int) -> None:
         g = self.args.group_size
@@ -252,13 +282,14 @@ class Bench:
 
     def kmeans(self, bits: int) -> None:
         cfg = dkm_config(self.args, bits, self.names)
+        _, extra, check = self.edkm_widths(cfg)
 
         def build(m: nn.Module) -> dict:
             edkm.prepare(m, cfg)
             edkm.finalize(m)
-            return {"bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names))}
+            return {"bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names)), **extra}
 
-        self.row("kmeans", bits, build)
+        self.row("kmeans", bits, build, check=check)
 
     def ct_ptq(self, bits: int) -> None:
         self.row("ct_ptq", bits, lambda m: peers.ct_post_training(m, bits, self.args.group_size, self.names) and
@@ -294,6 +325,7 @@ class Bench:
     def ours(self, bits: int) -> None:
         """ours_init (the weighted k-means, no training), then ours (DKM fine-tune from it)."""
         cfg = dkm_config(self.args, bits, self.names)
+        width, extra, check = self.edkm_widths(cfg)
         prepared: dict[str, nn.Module] = {}
 
         def init(m: nn.Module) -> dict:
@@ -301,9 +333,9 @@ class Bench:
             imp = None if self.args.no_importance else edkm.fisher_importance(m, self.calib, cfg)
             edkm.prepare(m, cfg, importance=imp)
             prepared["model"] = m
-            return {"importance": imp is not None, "init_s": time.perf_counter() - t0, **self.lut_bpw(bits)}
+            return {"importance": imp is not None, "init_s": time.perf_counter() - t0, **self.lut_bpw(width), **extra}
 
-        self.row("ours_init", bits, init)
+        self.row("ours_init", bits, init, check=check)
         if "model" not in prepared:
             return
 
@@ -312,9 +344,9 @@ class Bench:
             drift = sum(p.drift.item() for _, _, p in clustered_layers(m)) / len(self.names)
             edkm.finalize(m)
             return {"train_log": logs, "centroid_drift": drift, "importance": not self.args.no_importance,
-                    "bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names))}
+                    "bits_per_weight": quant.bits_per_weight(quant.model_lut_storage(m, self.names)), **extra}
 
-        self.row("ours", bits, train, model=prepared.pop("model"))
+        self.row("ours", bits, train, model=prepared.pop("model"), check=check)
 
 
 def load(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, dict[str, torch.Tensor], str]:

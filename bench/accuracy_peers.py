@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -41,20 +41,22 @@ def select_linears(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head" and "embed_tokens" not in name]
 
 
-def count_lut_violations(model: nn.Module, names: list[str], bits: int, group_size: int) -> int:
+def count_lut_violations(model: nn.Module, names: list[str], bits: int | Mapping[str, int], group_size: int) -> int:
     """Number of (layer, group) blocks whose weight holds more than ``2**bits`` distinct values.
 
     A group is ``group_size`` consecutive output channels (rows) of the layer's weight; a
-    last group may be shorter. 0 means every block of every named layer is palettized.
+    last group may be shorter. ``bits``: one width for every layer, or each layer's by name
+    (mixed precision). 0 means every block of every named layer is palettized.
     """
     bad = 0
     for name in names:
+        limit = 2 ** (bits[name] if isinstance(bits, Mapping) else bits)
         m = model.get_submodule(name)
         w = (m.dense_weight() if hasattr(m, "dense_weight") else m.weight).detach()  # edkm LUTLinear or Linear
         for start in range(0, w.shape[0], group_size):
             block = w[start:start + group_size].flatten().sort().values
             distinct = 1 + int((block[1:] != block[:-1]).sum()) if block.numel() else 0
-            bad += distinct > 2**bits
+            bad += distinct > limit
     return bad
 
 

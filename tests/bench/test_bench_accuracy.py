@@ -51,7 +51,8 @@ def test_bench_runs_on_a_tiny_model_and_writes_checked_rows(tmp_path, capsys):
 
 
 def test_bad_arguments_are_errors_naming_the_value(capsys):
-    for argv, bad in ((["--methods", "fp,nope"], "nope"), (["--bits", "9"], "9"), (["--layers", "0"], "0")):
+    for argv, bad in ((["--methods", "fp,nope"], "nope"), (["--bits", "9"], "9"), (["--layers", "0"], "0"),
+                      (["--layer-bits", "*.v_proj=9"], "*.v_proj=9"), (["--layer-bits", "*.k_proj"], "*.k_proj")):
         with pytest.raises(SystemExit):
             accuracy.parse_args(argv)
         assert bad in capsys.readouterr().err
@@ -62,3 +63,32 @@ def test_tau_mode_flag_reaches_our_rows_config():
     assert accuracy.dkm_config(accuracy.parse_args(["--tau-mode", "gap"]), 3, ["a"]).tau_mode == "gap"
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--tau-mode", "layer"])
+
+
+def test_layer_bits_give_the_edkm_rows_mixed_widths_and_check_each_layer_at_its_own(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rows.jsonl"
+    checks = []
+    real = accuracy.peers.count_lut_violations
+    monkeypatch.setattr(accuracy.peers, "count_lut_violations",
+                        lambda m, names, bits, g: checks.append((bits, real(m, names, 3, g))) or real(m, names, bits, g))
+    code = accuracy.main(["--model", "tiny", "--bits", "3", "--steps", "1", "--eval-windows", "2",
+                          "--calib-windows", "2", "--seq-len", "16", "--threads", "1", "--methods", "rtn,kmeans,ours",
+                          "--layer-bits", "*.v_proj=5, *.k_proj=4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "layer_bits" not in rows["rtn"]  # the other rows stay at --bits
+    from edkm.hub.models import tiny_llama
+
+    fp = tiny_llama(hidden=64, layers=2, intermediate=128)  # the bench's tiny model
+    names = accuracy.peers.select_linears(fp)
+    width = {n: 5 if n.endswith("v_proj") else 4 if n.endswith("k_proj") else 3 for n in names}
+    expected = accuracy.quant.bits_per_weight(
+        accuracy.quant.lut_storage(tuple(fp.get_submodule(n).weight.shape), width[n], 16) for n in names)
+    for method in ("kmeans", "ours_init", "ours"):
+        r = rows[method]
+        assert r["layer_bits"] == {"*.v_proj": 5, "*.k_proj": 4} and r["lut_violations"] == 0
+        assert r["bits_per_weight"] == pytest.approx(expected, rel=1e-9)
+    widths = [bits for bits, _ in checks if isinstance(bits, dict)]
+    assert len(widths) == 3 and {widths[0][n] for n in widths[0] if n.endswith("v_proj")} == {5}
+    assert {widths[0][n] for n in widths[0] if n.endswith(("q_proj", "down_proj"))} == {3}
+    assert all(at_3 > 0 for bits, at_3 in checks if isinstance(bits, dict))  # 5-bit layers break a 3-bit check
