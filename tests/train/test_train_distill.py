@@ -113,6 +113,10 @@ def test_presets_losses_and_two_domains():
     assert [kv.for_layer(f"model.layers.3.self_attn.{p}").bits for p in ("q_proj", "k_proj", "v_proj", "o_proj")] \
         == [4, 5, 5, 4]
     assert kv.for_layer("model.layers.3.mlp.down_proj").bits == 4
+    kv3 = load_config(root / "smollm2-135m-3bit-quality.yaml").dkm  # 4-bit k/v: wiki 1.499x against 1.548x
+    assert [kv3.for_layer(f"model.layers.0.self_attn.{p}").bits for p in ("q_proj", "k_proj", "v_proj", "o_proj")] \
+        == [3, 4, 4, 3]
+    assert kv3.for_layer("model.layers.29.mlp.gate_proj").bits == 3
 
 
 def test_resume_refuses_a_changed_loss_temperature_or_source(tmp_path):
