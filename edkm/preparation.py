@@ -9,6 +9,7 @@ one shared parametrization, so they stay tied and are clustered once.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections import Counter
 from typing import Mapping
@@ -38,6 +39,8 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
             those layers are weighted by it (sensitivity-aware clustering, see
             `edkm.layers.DKMWeight`). Layers missing from the mapping are unweighted; a
             key that names no layer prepare clusters is an error.
+    A ``config.layers`` pattern that matches no layer prepare clusters is an error too (a
+    typo would otherwise leave every layer at the top-level settings).
     With ``config.tau_mode="gap"`` each layer's tau is then scaled by its centroid
     spacing relative to the others (`set_gap_taus`).
 
@@ -47,8 +50,12 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     """
     by_weight: dict[int, DKMWeight] = {}
     used: set[str] = set()
+    layers = list(selected_layers(model, config))
+    names = [name for name, _ in layers]
+    if names:  # checked before any k-means init runs or any parametrization is registered
+        check_layer_patterns(config, names)
     chosen = 0
-    for name, module in selected_layers(model, config):
+    for name, module in layers:
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parametrized; prepare() was called twice?")
         weight = module.weight
@@ -106,6 +113,20 @@ def set_gap_taus(params: list[DKMWeight], config: DKMConfig) -> None:
     taus = sorted(p.tau for p in params)
     log.info("tau_mode gap: per-layer tau min %.3g, median %.3g, max %.3g over %d layers",
              taus[0], taus[len(taus) // 2], taus[-1], len(taus))
+
+
+def check_layer_patterns(config: DKMConfig, names: list[str]) -> None:
+    """Raise ValueError naming each ``config.layers`` pattern that applies to none of
+    ``names``: it matches none of them, or only layers an earlier pattern claims first."""
+    patterns = [p for p, _ in config.layers]
+    claimed = {next((p for p in patterns if fnmatch.fnmatchcase(n, p)), None) for n in names}
+    idle = [p for p in patterns if p not in claimed]
+    if not idle:
+        return
+    shadowed = [p for p in idle if any(fnmatch.fnmatchcase(n, p) for n in names)]
+    why = f"; {shadowed} only match layers an earlier pattern claims (the first match wins)" if shadowed else ""
+    raise ValueError(f"dkm layers pattern(s) {idle} apply to no layer prepare() clusters ({len(names)} layers, "
+                     f"e.g. {names[:3]}){why}; patterns are fnmatch globs over module names such as '*.v_proj'")
 
 
 def selected_layers(model: nn.Module, config: DKMConfig) -> list[tuple[str, nn.Module]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import edkm
 from edkm.export import export_compressed, load_compressed
@@ -78,6 +79,23 @@ def test_a_group_size_that_does_not_fit_names_the_layer():
                          layers={"*.o_proj": {"group_size": 48}})
     with pytest.raises(ValueError, match=r"o_proj.*group_size=48"):
         edkm.prepare(model, cfg)
+
+
+def test_a_pattern_that_matches_no_clustered_layer_is_an_error():
+    model = tiny_llama(hidden=64, layers=1, intermediate=128)
+    cfg = edkm.DKMConfig(min_weight_numel=0, layers={"*.v_proj": {"bits": 5}, "*.vproj": {"bits": 6}})
+    with pytest.raises(ValueError, match=r"\['\*\.vproj'\] apply to no layer"):  # the typo, not the good one
+        edkm.prepare(model, cfg)
+    # A pattern for a layer that exists but is excluded selects nothing either.
+    cfg = edkm.DKMConfig(min_weight_numel=0, exclude=("*.v_proj",), layers={"*.v_proj": {"bits": 5}})
+    with pytest.raises(ValueError, match=r"\['\*\.v_proj'\] apply to no layer"):
+        edkm.prepare(tiny_llama(hidden=64, layers=1, intermediate=128), cfg)
+    # A pattern that only matches layers an earlier pattern claims never applies: named as shadowed.
+    model = tiny_llama(hidden=64, layers=1, intermediate=128)
+    cfg = edkm.DKMConfig(min_weight_numel=0, layers={"*_proj": {"bits": 5}, "*.v_proj": {"bits": 6}})
+    with pytest.raises(ValueError, match=r"\['\*\.v_proj'\] only match layers an earlier pattern claims"):
+        edkm.prepare(model, cfg)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())  # refused before any change
 
 
 def test_mixed_model_trains_finalizes_and_exports_per_layer_shapes(tmp_path):
