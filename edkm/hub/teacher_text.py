@@ -159,6 +159,9 @@ def sample_teacher_windows(
     n_batches = -(-n_windows // batch_size)
     sizes = [min(batch_size, n_windows - b * batch_size) for b in range(n_batches)]
     todo = [b for b in range(n_batches) if not shard_path(directory, b).is_file()]
+    if todo:
+        logger.info("teacher text: sampling %d of %d windows x %d tokens (%d batches) into %s",
+                    sum(sizes[b] for b in todo), n_windows, seq_len, len(todo), directory)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm

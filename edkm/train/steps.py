@@ -128,7 +128,8 @@ def float_side(model: torch.nn.Module, tokenizer: Any, windows: TokenWindows, he
                                 heldout=heldout, heldout_ppl=ppl_before)
     if teacher is None and domains[0].logits is None:  # a copy of the model is smaller than its logits
         teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
-    return training_windows(config, model, tokenizer, windows, device), teacher, domains
+    train = training_windows(config, model, tokenizer, windows, device, progress=log.isEnabledFor(logging.INFO))
+    return train, teacher, domains
 
 
 def make_teacher(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module | None:

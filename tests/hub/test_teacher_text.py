@@ -42,6 +42,7 @@ def test_sampling_is_seeded_cached_and_resumable(teacher, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="edkm.hub.teacher_text"):
         first = sample_teacher_windows(teacher, 5, 10, **kw)
     assert "5 windows x 10 tokens = 50 tokens" in caplog.text
+    assert "sampling 5 of 5 windows x 10 tokens (3 batches)" in caplog.text
     assert (first[:, 0] >= 128).all()  # start tokens avoid the excluded ids
     assert len(first.unique()) > 10  # sampled, not one repeated token
     dirs = list(tmp_path.glob("teacher-text-*"))

@@ -58,10 +58,12 @@ def test_mix_is_half_corpus_half_teacher_and_corpus_is_unchanged(tmp_path):
     assert training_windows(_cfg(tmp_path), model, tok, windows) is windows
 
 
-def test_a_teacher_run_trains_on_sampled_text_and_logs_the_token_count(tmp_path, caplog):
+def test_a_teacher_run_trains_on_sampled_text_and_logs_the_token_count(tmp_path, caplog, capsys):
     cfg = _cfg(tmp_path, "data.source=teacher", "optim.max_steps=2", "optim.loss=kd", "optim.lr=3e-4")
     with caplog.at_level(logging.INFO, logger="edkm"):
         result = train(cfg)
+    assert "teacher text: sampling 6 of 6 windows x 64 tokens" in caplog.text  # minutes of work: announced
+    assert "teacher text:" in capsys.readouterr().err  # and its progress bar drawn at INFO
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.metrics)
     assert "teacher text: 6 windows x 64 tokens = 384 tokens" in caplog.text
     assert "data.source=teacher: 6 training windows (384 tokens), 6 of them sampled from the float model" in caplog.text
