@@ -39,8 +39,9 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
             those layers are weighted by it (sensitivity-aware clustering, see
             `edkm.layers.DKMWeight`). Layers missing from the mapping are unweighted; a
             key that names no layer prepare clusters is an error.
-    A ``config.layers`` pattern that matches no layer prepare clusters is an error too (a
-    typo would otherwise leave every layer at the top-level settings).
+    A ``config.layers`` pattern that applies to no layer prepare clusters (it matches none, or
+    only layers an earlier pattern claims) is an error too, raised before anything changes (a
+    typo would otherwise leave those layers at the top-level settings).
     With ``config.tau_mode="gap"`` each layer's tau is then scaled by its centroid
     spacing relative to the others (`set_gap_taus`).
 
