@@ -191,12 +191,17 @@ class DKMConfig(ConfigDict):
         out["layers"] = {pattern: dict(items) for pattern, items in self.layers}
         return out
 
+    def layer_pattern(self, name: str) -> str | None:
+        """The first ``layers`` pattern that matches the module called ``name`` (the one
+        `for_layer` applies), or None."""
+        return next((pattern for pattern, _ in self.layers if fnmatch.fnmatchcase(name, pattern)), None)
+
     def for_layer(self, name: str) -> "DKMConfig":
         """The config of the layer called ``name``: the first matching ``layers`` entry's
         values over the top-level ones (``layers`` emptied), or this config's values."""
-        for pattern, items in self.layers:
-            if fnmatch.fnmatchcase(name, pattern):
-                return dataclasses.replace(self, layers=(), **dict(items))
+        items = dict(self.layers).get(self.layer_pattern(name))
+        if items is not None:
+            return dataclasses.replace(self, layers=(), **dict(items))
         return dataclasses.replace(self, layers=()) if self.layers else self
 
     @property

@@ -51,11 +51,10 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     """
     by_weight: dict[int, DKMWeight] = {}
     used: set[str] = set()
-    layers = list(selected_layers(model, config))
+    layers = selected_layers(model, config)
     names = [name for name, _ in layers]
     if names:  # checked before any k-means init runs or any parametrization is registered
         check_layer_patterns(config, names)
-    chosen = 0
     for name, module in layers:
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parametrized; prepare() was called twice?")
@@ -75,8 +74,7 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
                 raise ValueError(f"cannot cluster layer {name!r}: {err}") from err
             by_weight[id(weight)] = param
         parametrize.register_parametrization(module, "weight", param, unsafe=True)
-        chosen += 1
-    if chosen == 0:
+    if not layers:
         kinds = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
         small = [(n, m.weight.numel()) for n, m in model.named_modules() if isinstance(m, kinds) and config.selects(n)]
         if small:
@@ -96,7 +94,7 @@ def prepare(model: nn.Module, config: DKMConfig, importance: Mapping[str, torch.
     shapes = Counter(f"{p.config.bits}-bit {p.config.granularity}"
                      + (f" {p.config.group_size} rows" if p.config.granularity == "per_grouped_channel" else "")
                      for p in by_weight.values())
-    log.info("prepared %d layers for DKM: %s", chosen, ", ".join(f"{n} x {k}" for k, n in shapes.items()))
+    log.info("prepared %d layers for DKM: %s", len(layers), ", ".join(f"{n} x {k}" for k, n in shapes.items()))
     return model
 
 
@@ -120,7 +118,7 @@ def check_layer_patterns(config: DKMConfig, names: list[str]) -> None:
     """Raise ValueError naming each ``config.layers`` pattern that applies to none of
     ``names``: it matches none of them, or only layers an earlier pattern claims first."""
     patterns = [p for p, _ in config.layers]
-    claimed = {next((p for p in patterns if fnmatch.fnmatchcase(n, p)), None) for n in names}
+    claimed = {config.layer_pattern(n) for n in names}
     idle = [p for p in patterns if p not in claimed]
     if not idle:
         return
