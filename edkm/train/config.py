@@ -146,6 +146,11 @@ class OptimConfig:
             the run draws are stored under ``<output_dir>/teacher_topk`` before training
             and the teacher is not kept for the loss (`edkm.train.topk`,
             `edkm.distill.topk_distill_loss` with the teacher's tail pooled into one outcome).
+        freeze: Glob patterns (fnmatch) of parameter names to keep at their float values:
+            not trained, not in AdamW, e.g. ``["model.embed_tokens.*"]`` (tied to
+            ``lm_head.weight`` in SmolLM2, so either name freezes both). A clustered
+            layer's weight cannot be frozen (exclude it from ``dkm`` instead); a pattern
+            that matches no parameter is an error (`edkm.train.steps.freeze_parameters`).
         fsdp: Shard weights, gradients and AdamW state over the processes with FSDP2
             (accelerate's plugin, one unit per decoder layer; `edkm.train.fsdp`); DKM runs
             on the all-gathered weight. Needs a launcher (torchrun / accelerate launch;
@@ -167,9 +172,14 @@ class OptimConfig:
     kd_temperature: float = 1.0
     ce_weight: float = 1.0
     kd_topk: int = 0
+    freeze: tuple[str, ...] = ()
     fsdp: bool = False
 
     def __post_init__(self) -> None:
+        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
+        if not all(isinstance(f, str) and f for f in freeze) or len(set(freeze)) != len(freeze):
+            raise ValueError(f"optim.freeze must be a list of distinct non-empty name patterns, got {self.freeze!r}")
+        object.__setattr__(self, "freeze", freeze)
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):

@@ -5,7 +5,7 @@
                    of ``data.source``, the teacher, the evaluation domains' reference numbers
     make_teacher   the frozen float model the ``kd`` losses distil from (None for ``ce``)
     calibrate      diagonal Fisher of some training windows (sensitivity-aware DKM)
-    prepare_model  `edkm.prepare`, AdamW and the LR schedule
+    prepare_model  `edkm.prepare`, ``optim.freeze``, AdamW and the LR schedule
     train_step     one optimizer step over ``grad_accum`` micro-batches (loss of
                    ``optim.loss``: `step_loss`), with its metrics
     evaluate       held-out perplexity (hard LUT weights)
@@ -19,6 +19,7 @@ objects the steps share (accelerator, model, optimizer, windows).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 import time
@@ -200,11 +201,51 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig, importance: dict 
         ``(model, optimizer, scheduler)``.
     """
     prepare(model, config.dkm, importance=importance)
+    freeze_parameters(model, config.optim.freeze)
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                             weight_decay=config.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
     return model, opt, sched
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> int:
+    """Set ``requires_grad=False`` on every parameter whose name matches one of ``patterns``
+    (`fnmatch`; ``optim.freeze``), after `edkm.prepare`.
+
+    Names are those of ``model.named_parameters(remove_duplicate=False)``, with a clustered
+    layer's ``parametrizations.weight.original`` read as ``weight``, so a tied parameter
+    answers to each of its names.
+
+    Returns:
+        The number of parameter elements frozen. Raises ValueError for a pattern that
+        matches no parameter, or one that matches a clustered layer's weight (DKM trains
+        it; exclude the layer from clustering instead).
+    """
+    if not patterns:
+        return 0
+    named = [(n.replace(_ORIGINAL, "weight"), n != n.replace(_ORIGINAL, ""), p)
+             for n, p in model.named_parameters(remove_duplicate=False)]
+    frozen: dict[int, torch.nn.Parameter] = {}
+    for pattern in patterns:
+        hits = [(n, clustered, p) for n, clustered, p in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            sample = ", ".join(n for n, _, _ in named[:4])
+            raise ValueError(f"optim.freeze pattern {pattern!r} matches no parameter (names look like {sample}, ...)")
+        clustered = [n for n, c, _ in hits if c]
+        if clustered:
+            raise ValueError(f"optim.freeze pattern {pattern!r} matches the clustered weight {clustered[0]!r}"
+                             f"{f' and {len(clustered) - 1} more' if len(clustered) > 1 else ''}: DKM trains it; "
+                             "leave it out of clustering (dkm.exclude) to keep it float")
+        frozen.update((id(p), p) for _, _, p in hits)
+    for p in frozen.values():
+        p.requires_grad_(False)
+    numel = sum(p.numel() for p in frozen.values())
+    log.info("optim.freeze: %d parameter tensors (%d elements) frozen at their float values", len(frozen), numel)
+    return numel
+
+
+_ORIGINAL = "parametrizations.weight.original"
 
 
 def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, str | None]:
