@@ -7,6 +7,13 @@ hard nearest-centroid weight in eval mode. Centroids are a buffer, warm-started 
 previous step. `state_dict`, optimizers and `.to()` keep working as for any parametrized
 module.
 
+Eval-mode code cache: the nearest-centroid search is most of a prepared model's eval
+forward (5x a float forward for SmolLM2 at 4 bits), and its answer does not change while
+neither the weight nor the centroids do. So in eval mode each `DKMWeight` keeps the uint8
+codes it found (1 byte per weight) and reuses them while the weight and the centroids are
+the same tensors at the same version counters and on the same device; ``train()`` drops
+them. Set ``cache_codes = False`` on a parametrization to search on every access instead.
+
 Weight layout: a (out, in) weight with cluster_dim d is viewed as out * in / d points of
 dimension d (consecutive input features form a vector). Per-tensor LUTs use one group;
 ``per_grouped_channel`` makes one group per ``group_size`` output channels:
@@ -85,6 +92,8 @@ class DKMWeight(nn.Module):
         # device sync per forward.
         self.register_buffer("tau_scale", torch.ones(()))
         self._tau_scale = 1.0
+        self.cache_codes = True
+        self._codes: tuple | None = None  # (weight, its version, centroids, their version, uint8 codes)
 
     @property
     def tau(self) -> float:
@@ -149,11 +158,29 @@ class DKMWeight(nn.Module):
         imp = getattr(self, "importance", None)
         return None if imp is None else imp.reshape(self.groups, -1)
 
+    def train(self, mode: bool = True):
+        """Switch train / eval mode; drops the eval-mode code cache (module docstring)."""
+        self._codes = None
+        return super().train(mode)
+
+    def hard_codes(self, weight: Tensor) -> Tensor:
+        """The (G, N) nearest-centroid index of every point of ``weight`` (ties to the
+        lowest index), as uint8 when K <= 256; cached in eval mode (module docstring)."""
+        c, cached = self.centroids, self._codes
+        if cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] is c \
+                and cached[3] == c._version and cached[4].device == weight.device:
+            return cached[4]
+        with torch.no_grad():
+            idx = nearest(self.points(weight), c)
+        if c.shape[1] <= 256:
+            idx = idx.to(torch.uint8)
+        self._codes = (weight, weight._version, c, c._version, idx) if self.cache_codes and not self.training else None
+        return idx
+
     def forward(self, weight: Tensor) -> Tensor:
         cfg, c = self.config, self.centroids
         if not self.training:
-            points = self.points(weight)
-            idx = nearest(points, c)
+            idx = self.hard_codes(weight).long()
             hard = torch.gather(c, 1, idx.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
             return hard.to(weight.dtype).reshape(weight.shape)
         cast = None if cfg.cluster_dtype == "weight" else getattr(torch, cfg.cluster_dtype)
