@@ -52,14 +52,14 @@ def _config(out: Path, fsdp: bool, *extra: str):
                               *COMMON, *extra])
 
 
-def _one_rank(rank, port, out):
+def _one_rank(rank, port, out, *extra):
     """FSDP2 over one process as ``torchrun --nproc-per-node 1`` starts it: no process group
     yet (accelerate makes none for one CPU process), so `edkm.train.fsdp.accelerator` does.
     The ``kd`` loss: the teacher is sharded too and runs a forward pass every micro-batch."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(_config(Path(out), True, f"optim.batch_size={BATCH}", *KD))
+    train(_config(Path(out), True, f"optim.batch_size={BATCH}", *KD, *extra))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -191,15 +191,17 @@ def test_fsdp_export_is_the_one_process_export_of_its_checkpoint(runs):
     assert summary["sizes"] == one["sizes"]
 
 
-def test_fsdp_over_one_process_with_kd_matches_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("optim.freeze=[model.embed_tokens.weight, '*norm.weight']",)],
+                         ids=["all-trained", "frozen-embedding-and-norms"])
+def test_fsdp_over_one_process_with_kd_matches_one_process(tmp_path, extra):
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_one_rank, args=(port, str(tmp_path / "fsdp")), nprocs=1, join=True)
+    mp.spawn(_one_rank, args=(port, str(tmp_path / "fsdp"), *extra), nprocs=1, join=True)
     torch.set_num_threads(1)
-    train(_config(tmp_path / "one", False, *KD))
+    train(_config(tmp_path / "one", False, *KD, *extra))
     got, want = _rows(tmp_path / "fsdp"), _rows(tmp_path / "one")
     assert len(got) == len(want) == STEPS
     assert abs(got[0]["loss"] - want[0]["loss"]) <= 1e-5 * abs(want[0]["loss"]), (got[0], want[0])
