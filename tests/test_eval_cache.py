@@ -44,7 +44,7 @@ def test_cached_eval_equals_a_fresh_search_and_follows_every_change():
     # A weight changed in place (an optimizer step, load_state_dict) moves some points to
     # other centroids: the cache must see it.
     with torch.no_grad():
-        for name, module, _ in clustered_layers(model):
+        for _, module, _ in clustered_layers(model):
             w = module.parametrizations.weight.original
             w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * w.std())
     moved = _logits(model, ids)

@@ -165,15 +165,14 @@ class DKMWeight(nn.Module):
 
     def hard_codes(self, weight: Tensor) -> Tensor:
         """The (G, N) nearest-centroid index of every point of ``weight`` (ties to the
-        lowest index), as uint8 when K <= 256; cached in eval mode (module docstring)."""
+        lowest index) as uint8 (K <= 256: ``bits`` is at most 8); cached in eval mode (module
+        docstring)."""
         c, cached = self.centroids, self._codes
         if cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] is c \
                 and cached[3] == c._version and cached[4].device == weight.device:
             return cached[4]
         with torch.no_grad():
-            idx = nearest(self.points(weight), c)
-        if c.shape[1] <= 256:
-            idx = idx.to(torch.uint8)
+            idx = nearest(self.points(weight), c).to(torch.uint8)
         self._codes = (weight, weight._version, c, c._version, idx) if self.cache_codes and not self.training else None
         return idx
 

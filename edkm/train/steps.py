@@ -37,7 +37,7 @@ from edkm.preparation import centroid_drift, finalize, prepare
 from edkm.train.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
 from edkm.train.config import TrainConfig
 from edkm.train.data import micro_indices
-from edkm.train.guard import first_bad_grad
+from edkm.train.guard import PARAM_SUFFIX, first_bad_grad
 from edkm.train.resume import config_changes
 from edkm.train.schedule import lr_lambda, set_tau, tau_at
 from edkm.train.state import TrainState
@@ -224,7 +224,7 @@ def freeze_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> int:
     """
     if not patterns:
         return 0
-    named = [(n.replace(_ORIGINAL, "weight"), n != n.replace(_ORIGINAL, ""), p)
+    named = [(n.replace(PARAM_SUFFIX, ".weight"), n.endswith(PARAM_SUFFIX), p)
              for n, p in model.named_parameters(remove_duplicate=False)]
     frozen: dict[int, torch.nn.Parameter] = {}
     for pattern in patterns:
@@ -244,8 +244,6 @@ def freeze_parameters(model: torch.nn.Module, patterns: tuple[str, ...]) -> int:
     log.info("optim.freeze: %d parameter tensors (%d elements) frozen at their float values", len(frozen), numel)
     return numel
 
-
-_ORIGINAL = "parametrizations.weight.original"
 
 
 def train_step(run: Run, ts: TrainState) -> tuple[dict[str, Any], float | None, str | None]:
