@@ -302,3 +302,27 @@ def test_compiler_without_march_native_gets_the_portable_build(tmp_path):
     code = "from edkm import ckernels; assert ckernels.available(), ckernels.build_error(); print('ok')"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_compiler_without_the_vector_width_flag_keeps_march_native(tmp_path):
+    """On x86-64 the first build asks for 512-bit vectors; a compiler that refuses that flag
+    gets the -march=native build, not the portable one (the log of its calls says which)."""
+    import shutil
+
+    if not ckernels.WIDE_FLAGS:
+        pytest.skip("not x86-64: no vector-width flag is asked for")
+    real = shutil.which("cc") or shutil.which("gcc")
+    assert real, "the module-level skip guarantees a compiler here"
+    calls = tmp_path / "calls"
+    fake = tmp_path / "cc-no-wide"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                    f'for a in "$@"; do [ "$a" = "{ckernels.WIDE_FLAGS[0]}" ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "CC": str(fake), "EDKM_CACHE_DIR": str(tmp_path / "cache")}
+    code = "from edkm import ckernels; assert ckernels.available(), ckernels.build_error(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2, lines
+    assert ckernels.WIDE_FLAGS[0] in lines[0].split()
+    assert "-march=native" in lines[1].split() and ckernels.WIDE_FLAGS[0] not in lines[1].split()
