@@ -12,6 +12,7 @@ Importing edkm before torch sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is alread
 """
 
 from edkm import _threads  # noqa: F401  (first: before torch loads its OpenMP runtime)
+from edkm.compensate import compensate, input_hessians
 from edkm.config import DKMConfig
 from edkm.deploy.coreml import export_coreml
 from edkm.distill import DistillTrainerMixin, distill_loss, topk_distill_loss
@@ -33,12 +34,14 @@ __all__ = [
     "LowRankLinear",
     "centroid_drift",
     "clustered_layers",
+    "compensate",
     "distill_loss",
     "dkm",
     "export_compressed",
     "export_coreml",
     "finalize",
     "fisher_importance",
+    "input_hessians",
     "kmeans_init",
     "load_compressed",
     "lowrank_model",

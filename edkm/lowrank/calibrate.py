@@ -67,7 +67,8 @@ def causal_lm_loss(model: nn.Module, batch: Any) -> Tensor:
 
 
 def collect_input_stats(
-    model: nn.Module, batches: Iterable[Any], names: Sequence[str], *, loss_fn: LossFn | None = None
+    model: nn.Module, batches: Iterable[Any], names: Sequence[str], *, loss_fn: LossFn | None = None,
+    product_dtype: torch.dtype = torch.float64,
 ) -> CalibrationStats:
     """Accumulate each named layer's input second moment (and output-gradient moment).
 
@@ -78,6 +79,7 @@ def collect_input_stats(
         names: Module names (from ``model.named_modules()``) to hook.
         loss_fn: ``loss_fn(model, batch) -> scalar``; when given, the forward runs with
             gradients and ``G`` is collected too (e.g. `causal_lm_loss`).
+        product_dtype: Dtype of each batch's ``x^T x`` for ``S`` (`SecondMoment.add`).
     Returns:
         The statistics. Raises ``ValueError`` if a layer saw no inputs, or if layers share
         an input tensor in one batch but not in another.
@@ -111,7 +113,7 @@ def collect_input_stats(
             if name not in moments:
                 moments[name] = SecondMoment.zeros(x.shape[-1], x.device)
             with torch.no_grad():
-                moments[name].add(x)
+                moments[name].add(x, product_dtype)
             live.append((weakref.ref(x), name))
 
         return hook

@@ -88,14 +88,18 @@ class SecondMoment:
         """Input dimension."""
         return self.sum.shape[0]
 
-    def add(self, inputs: Tensor) -> None:
-        """Accumulate ``inputs`` (..., in) in place."""
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)  # (n, in)
+    def add(self, inputs: Tensor, product_dtype: torch.dtype = torch.float64) -> None:
+        """Accumulate ``inputs`` (..., in) in place; ``product_dtype`` is the dtype of this
+        batch's ``x^T x`` (float32 is several times faster on a CPU; the sum stays float64)."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(product_dtype)  # (n, in)
         if x.shape[1] != self.in_features:
             raise ValueError(f"inputs have {x.shape[1]} features, the accumulator expects {self.in_features}")
         if not torch.isfinite(x).all():
             raise ValueError(f"calibration inputs of shape {tuple(inputs.shape)} contain NaN or Inf")
-        self.sum.addmm_(x.T, x)
+        if product_dtype == torch.float64:
+            self.sum.addmm_(x.T, x)
+        else:
+            self.sum += x.T @ x
         self.count += x.shape[0]
 
     def matrix(self) -> Tensor:

@@ -32,6 +32,7 @@ ON_DIVERGENCE = ("stop", "rollback")
 BEST_BY = ("auto", "ppl", "kl")
 LOSSES = ("kd", "ce", "kd+ce")
 SOURCES = ("corpus", "teacher", "mix")
+COMPENSATE_TEXTS = ("teacher", "train")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,16 @@ class DataConfig:
         importance_windows: Training windows whose squared gradients (diagonal Fisher,
             `edkm.fisher_importance`) weight the k-means init and every DKM centroid
             update (sensitivity-aware clustering); 0 = unweighted.
+        compensate_windows: Windows whose layer-input Hessians drive the error-compensated
+            rounding of every clustered linear after `edkm.prepare` (`edkm.compensate`,
+            GPTQ's column sweep on the LUTs), so training starts from compensated hard
+            weights; 0 = off (nearest-centroid rounding). Not redone on ``--resume`` (the
+            checkpoint holds the weights).
+        compensate_text: Where those windows come from: ``teacher`` (sampled from the float
+            model with the run's seed and cache, as ``source: teacher``) or ``train`` (the
+            first training windows). Calibrating on the fine-tune corpus fits that corpus
+            (see `edkm.compensate`).
+        compensate_damp: Diagonal damping of the Hessians, a fraction of their mean diagonal.
         source: What the model trains on: ``corpus`` (windows of ``corpus``), ``teacher``
             (``teacher_windows`` windows sampled from the float model itself,
             `edkm.hub.teacher_text.sample_teacher_windows`) or ``mix`` (those teacher
@@ -100,6 +111,9 @@ class DataConfig:
     heldout_windows: int = 32
     max_train_windows: int = 0
     importance_windows: int = 0
+    compensate_windows: int = 0
+    compensate_text: str = "teacher"
+    compensate_damp: float = 0.01
     source: str = "corpus"
     teacher_windows: int = 64
     teacher_cache_dir: str = ""
@@ -119,6 +133,12 @@ class DataConfig:
         _positive("data.heldout_windows", self.heldout_windows, minimum=0)
         _positive("data.max_train_windows", self.max_train_windows, minimum=0)
         _positive("data.importance_windows", self.importance_windows, minimum=0)
+        _positive("data.compensate_windows", self.compensate_windows, minimum=0)
+        if self.compensate_text not in COMPENSATE_TEXTS:
+            raise ValueError(f"data.compensate_text must be one of {COMPENSATE_TEXTS}, got {self.compensate_text!r}")
+        damp = self.compensate_damp
+        if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and 0 <= damp < float("inf")):
+            raise ValueError(f"data.compensate_damp must be a finite number >= 0, got {self.compensate_damp!r}")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from edkm.train.state import TrainState, restore, seed_all, snapshot
 from edkm.train.steps import (
     Run,
     calibrate,
+    calibration_hessians,
     evaluate,
     export_model,
     float_side,
@@ -151,8 +152,10 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
         if teacher is None and config.score_by == "kl":
             heldout_logits = heldout_reference(model, heldout, domains)
     importance = calibrate(model, windows.train, config, acc.device)
-    model, opt, sched = prepare_model(model, config, importance, acc.device)
-    del importance  # the layers keep a bf16 copy; free the fp32 Fisher
+    # the compensated weights of a resumed run are in its checkpoint
+    hessians = None if resume else calibration_hessians(model, tokenizer, windows.train, config, acc.device)
+    model, opt, sched = prepare_model(model, config, importance, acc.device, hessians)
+    del importance, hessians  # the layers keep a bf16 copy of the Fisher; the Hessians are spent
     guard = DivergenceGuard(loss_spike=config.run.loss_spike, max_weight_abs=config.run.max_weight_abs,
                             heldout_reference=None if config.optim.loss == "ce" else math.log(ppl_before))
     ts = TrainState()

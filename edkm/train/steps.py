@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from edkm.compensate import compensate, input_hessians
 from edkm.distill import distill_loss, topk_distill_loss
 from edkm.export import export_compressed
 from edkm.hub.text import TokenWindows
@@ -192,15 +193,38 @@ def calibrate(model: torch.nn.Module, train_windows: torch.Tensor, config: Train
     return fisher_importance(model.to(device), train_windows[:n], config.dkm)
 
 
+def calibration_hessians(model: torch.nn.Module, tokenizer: Any, train_windows: torch.Tensor, config: TrainConfig,
+                         device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Input Hessians of ``data.compensate_windows`` windows of ``data.compensate_text``
+    (`edkm.compensate.input_hessians` of the float model), or None when off."""
+    d = config.data
+    n = d.compensate_windows
+    if not n:
+        return None
+    if d.compensate_text == "teacher":
+        from edkm.train.sources import sample_from_teacher
+
+        text = sample_from_teacher(model, tokenizer, n, d.seq_len, config.run.seed, d.teacher_cache_dir or None,
+                                   device, progress=log.isEnabledFor(logging.INFO))
+    else:
+        if n > train_windows.shape[0]:
+            raise ValueError(f"data.compensate_windows={n} but only {train_windows.shape[0]} training windows exist")
+        text = train_windows[:n]
+    return input_hessians(model.to(device), text, config.dkm)
+
+
 def prepare_model(model: torch.nn.Module, config: TrainConfig, importance: dict | None,
-                  device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
-    """Cluster the model's layers (`edkm.prepare`), move it to ``device`` and build AdamW
+                  device: torch.device, hessians: dict | None = None) -> tuple[torch.nn.Module, Any, Any]:
+    """Cluster the model's layers (`edkm.prepare`; with ``hessians``, then
+    `edkm.compensate` with ``data.compensate_damp``), move it to ``device`` and build AdamW
     with the LR schedule of `edkm.train.schedule.lr_lambda`.
 
     Returns:
         ``(model, optimizer, scheduler)``.
     """
     prepare(model, config.dkm, importance=importance)
+    if hessians is not None:
+        compensate(model, hessians, damp=config.data.compensate_damp)
     freeze_parameters(model, config.optim.freeze)
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,

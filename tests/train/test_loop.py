@@ -172,3 +172,31 @@ def test_gap_tau_run_resumes_with_the_factors_fixed_at_the_start(tmp_path, monke
     got, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     for key, value in want["model"].items():
         assert torch.equal(got["model"][key], value), f"{key} differs after resume"
+
+
+def test_compensated_run_starts_from_compensated_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    over = ["optim.max_steps=4", "run.save_every=2", "run.export=false", "data.compensate_windows=4",
+            "data.compensate_text=train", "run.on_divergence=rollback", "run.keep_checkpoints=3"]
+    train(load_config(TINY, [f"run.output_dir={tmp_path / 'ref'}", *over]))
+    step0, _ = load_checkpoint(tmp_path / "ref" / "step-000000")  # rollback's starting state
+    want, _ = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
+    masters = [k for k in step0["model"] if k.endswith("parametrizations.weight.original")]
+    assert masters
+    for key in masters:  # every master weight at step 0 is a centroid of its LUT group
+        cents = step0["model"][key.replace("parametrizations.weight.original", "parametrizations.weight.0.centroids")]
+        w = step0["model"][key]
+        rows = w.shape[0] // cents.shape[0]
+        lut = cents[:, :, 0].repeat_interleave(rows, 0)
+        assert all(bool(torch.isin(w[r], lut[r]).all()) for r in range(w.shape[0])), key
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *over])
+    assert train(cfg, stop_after=2).steps == 2
+    # A resume must not compensate again (the checkpoint holds the weights): make it fail if it does.
+    monkeypatch.setattr("edkm.train.loop.calibration_hessians", lambda *a, **k: pytest.fail("compensated on resume"))
+    train(cfg, resume=True)
+    got, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), f"{key} differs after resume"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="compensate_windows=99999"):
+        train(load_config(TINY, [f"run.output_dir={tmp_path / 'bad'}", "data.compensate_windows=99999",
+                                 "data.compensate_text=train"]))

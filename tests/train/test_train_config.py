@@ -70,6 +70,10 @@ def test_unknown_keys_and_sections_and_round_trip():
     ("run.loss_spike=0.5", "run.loss_spike must be 0 (off) or a finite number > 1, got 0.5"),
     ("run.eval_every=-1", "run.eval_every must be an integer >= 0, got -1"),
     ("dkm.tau=1e-40", "tau must be >= 5.04e-29"),
+    ("data.compensate_windows=-2", "data.compensate_windows must be an integer >= 0, got -2"),
+    ("data.compensate_text=wiki", "data.compensate_text must be one of ('teacher', 'train'), got 'wiki'"),
+    ("data.compensate_damp=-0.5", "data.compensate_damp must be a finite number >= 0, got -0.5"),
+    ("data.compensate_damp=inf", "data.compensate_damp must be a finite number >= 0, got inf"),
 ])
 def test_run_and_guard_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
