@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"edkm": ROOT / "edkm", "edkm.kernels": ROOT / "kernels", "edkm.ckernels": ROOT / "ckernels"}
+PACKAGE_DIRS = {"edkm": ROOT / "edkm", "edkm.kernels": ROOT / "tkernels", "edkm.ckernels": ROOT / "ckernels"}
 
 # First dotted prefix that matches wins; unlisted edkm modules are model-level (rank 3).
 RANKS = [
@@ -80,3 +80,17 @@ def test_the_check_sees_an_upward_import(tmp_path):
     got = _imports(path, _modules())
     assert got == [(2, "edkm.train.loop"), (3, "edkm")]
     assert _rank("edkm.functional.table") < _rank("edkm.train.loop") < _rank("edkm")
+
+
+def test_no_top_level_directory_shadows_an_installed_package():
+    """``python -m ...`` from the repository root puts the root first on sys.path, so a package
+    directory there named like an installed distribution's top-level module hides it (the
+    Triton kernels lived in ``kernels/`` until transformers 5.25 came to require Hugging Face's
+    ``kernels`` package and imported ours instead)."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    ours = {"edkm"}
+    clashes = [p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name not in ours
+               and p.name in installed]
+    assert not clashes, f"{clashes} would shadow the installed {[installed[c] for c in clashes]}"
