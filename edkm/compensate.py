@@ -21,6 +21,9 @@ fits the calibration text; with 128 windows sampled from the float model
     edkm.prepare(model, config, importance=imp)
     edkm.compensate(model, hessians)
 
+Layers that read one input (q / k / v, gate / up) are stacked into one sweep, and groups of
+equal shapes (the decoder blocks) run as one batch: one Python loop over the columns for all.
+
 Limits: ``nn.Linear`` layers with ``cluster_dim`` 1 (the default); clustered embeddings and
 the LM head tied to them are left as they are (their "input" is a one-hot token). A layer
 missing from ``hessians`` is an error.
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Compensation", "compensate", "compensate_weight", "input_hessians"]
 
 BLOCK = 128  # columns per lazy-update block (GPTQ's batching; the result does not depend on it)
+SWEEP_BYTES = 1 << 29  # layers of equal shape swept in one batch up to ~512 MB of Hessian factors
 
 
 def input_hessians(model: nn.Module, windows: Tensor, config: DKMConfig | None = None,
@@ -116,39 +120,50 @@ def compensate_weight(weight: Tensor, lut: Tensor, hessian: Tensor, damp: float 
                          f"{tuple(hessian.shape)}")
     if not (damp >= 0 and damp == damp and damp != float("inf")):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    H = hessian.detach().double().clone()
+    H = hessian.detach().double()
     if not torch.isfinite(H).all():
         raise ValueError("hessian contains NaN or Inf")
-    W = weight.detach().float().clone()
-    C = lut.detach().float()
-    dead = H.diagonal() <= 0  # an input that is always 0: its column cannot matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(n)
-    W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
+    return _sweep(weight.detach().float()[None], lut.detach().float()[None], H[None], damp, act_order, round_dtype)[0]
+
+
+def _sweep(W: Tensor, C: Tensor, H: Tensor, damp: float, act_order: bool,
+           round_dtype: torch.dtype | None) -> Tensor:
+    """`compensate_weight` of B independent problems at once: W (B, out, n), C (B, out, K),
+    H (B, n, n) float64 -> (B, out, n). One Python loop over the columns serves all B."""
+    B, out, n = W.shape
+    W, H = W.clone(), H.clone()
+    diag = H.diagonal(dim1=1, dim2=2)  # a view: writes go to H
+    dead = diag <= 0  # an input that is always 0: its column cannot matter
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead[:, None, :], 0.0)
+    perm = (torch.argsort(diag, dim=1, descending=True, stable=True) if act_order
+            else torch.arange(n, device=W.device).expand(B, n))
+    W = W.gather(2, perm[:, None, :].expand(B, out, n))
+    H = H.gather(1, perm[:, :, None].expand(B, n, n)).gather(2, perm[:, None, :].expand(B, n, n))
+    diag = H.diagonal(dim1=1, dim2=2)
+    diag.add_(damp * diag.mean(1, keepdim=True))
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except torch.linalg.LinAlgError as err:
         raise ValueError(f"hessian is not positive definite after damp={damp}; raise damp ({err})") from None
-    # Columns as contiguous rows: Wt[j] is input column j of every output row.
-    Wt = W.T.contiguous()
+    # Columns as contiguous rows: Wt[:, j] is input column j of every output row.
+    Wt = W.transpose(1, 2).contiguous()
     Qt = torch.empty_like(Wt)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        Wb, Ub = Wt[b0:b1], U[b0:b1, b0:b1]
+        Wb, Ub = Wt[:, b0:b1], U[:, b0:b1, b0:b1]
         E = torch.empty_like(Wb)
         for j in range(b1 - b0):
-            w = Wb[j]
+            w = Wb[:, j]  # (B, out)
             key = w if round_dtype is None else w.to(round_dtype).float()
-            q = C.gather(1, (key[:, None] - C).abs().min(1, keepdim=True).indices)[:, 0]  # first minimum
-            Qt[b0 + j] = q
-            e = (w - q) / Ub[j, j]
-            Wb[j:] -= Ub[j, j:, None] * e[None, :]
-            E[j] = e
-        Wt[b1:] -= U[b0:b1, b1:].T @ E
-    Q = Qt.T
-    return Q[:, torch.argsort(perm)]
+            q = C.gather(2, (key[:, :, None] - C).abs().min(2, keepdim=True).indices)[:, :, 0]  # first minimum
+            Qt[:, b0 + j] = q
+            e = (w - q) / Ub[:, j, j, None]
+            Wb[:, j:] -= Ub[:, j, j:, None] * e[:, None, :]
+            E[:, j] = e
+        Wt[:, b1:] -= U[:, b0:b1, b1:].transpose(1, 2) @ E
+    Q = Qt.transpose(1, 2)
+    return Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, out, n))
 
 
 def _nearest(weight: Tensor, lut: Tensor, round_dtype: torch.dtype | None) -> Tensor:
@@ -200,9 +215,20 @@ def compensate(model: nn.Module, hessians: Mapping[str, Tensor], damp: float = 0
             raise ValueError(f"compensate: no Hessian for the clustered layer {name!r} (hessians has "
                              f"{len(hessians)} layers, e.g. {list(hessians)[:3]})")
         groups.setdefault(id(H), []).append((name, module, param))
+    jobs = [job for members in groups.values() for job in _group_jobs(members, hessians[members[0][0]])]
+    buckets: dict[tuple, list[_Job]] = {}  # equal shapes (the decoder blocks): swept together
+    for job in jobs:
+        buckets.setdefault((tuple(job.W.shape), job.lut.shape[1], job.cast, job.W.device), []).append(job)
     done: dict[str, Compensation] = {}
-    for members in groups.values():
-        done.update(_compensate_group(members, hessians[members[0][0]], damp, act_order))
+    for bucket in buckets.values():
+        n = bucket[0].W.shape[1]
+        per = max(1, SWEEP_BYTES // (n * n * 12))  # the float64 Hessians and float32 factors of a batch
+        for i in range(0, len(bucket), per):
+            chunk = bucket[i: i + per]
+            Q = _sweep(torch.stack([j.W for j in chunk]), torch.stack([j.lut for j in chunk]),
+                       torch.stack([j.H.double() for j in chunk]), damp, act_order, chunk[0].cast)
+            for job, q in zip(chunk, Q):
+                done.update(_apply(job, q))
     if done:
         gain = sorted(c.error / c.nearest_error for c in done.values() if c.nearest_error > 0)
         log.info("compensated %d layers: output error / nearest rounding's, median %.3f (min %.3f, max %.3f)",
@@ -210,31 +236,41 @@ def compensate(model: nn.Module, hessians: Mapping[str, Tensor], damp: float = 0
     return done
 
 
-def _compensate_group(members: list[tuple[str, nn.Module, DKMWeight]], H: Tensor, damp: float,
-                      act_order: bool) -> dict[str, Compensation]:
-    """One sweep over the stacked rows of layers that share an input (rows do not interact:
-    the result is each layer's own sweep, in one pass over the columns)."""
-    masters, luts, casts = [], [], set()
-    for _, module, param in members:
-        master = module.parametrizations.weight.original
-        rows = master.shape[0] // param.groups
-        masters.append(master)
-        luts.append(param.centroids[:, :, 0].float().repeat_interleave(rows, dim=0))  # (out, K): row r's LUT
-        casts.add(param.config.cluster_dtype)
+@dataclass
+class _Job:
+    """One sweep: the stacked rows of layers that read one input (rows do not interact, so
+    the result is each layer's own sweep)."""
+
+    members: list[tuple[str, Tensor, Tensor]]  # (name, master weight, its (out, K) LUT)
+    W: Tensor  # (rows, in) float32
+    lut: Tensor  # (rows, K) padded to one width
+    H: Tensor  # (in, in)
+    cast: torch.dtype | None
+
+
+def _group_jobs(members: list[tuple[str, nn.Module, DKMWeight]], H: Tensor) -> list[_Job]:
+    casts = {p.config.cluster_dtype for _, _, p in members}
     if len(casts) > 1:  # layers of one input clustered in other dtypes: one sweep each
-        return {k: v for m in members for k, v in _compensate_group([m], H, damp, act_order).items()}
+        return [job for m in members for job in _group_jobs([m], H)]
     cast = None if casts == {"weight"} else getattr(torch, casts.pop())
-    width = max(lut.shape[1] for lut in luts)  # other bits: repeat the last entry (the same values)
-    padded = [torch.cat([lut, lut[:, -1:].expand(-1, width - lut.shape[1])], 1) for lut in luts]
-    H = H.to(masters[0].device)
-    W = torch.cat([m.detach().float() for m in masters])
-    Q = compensate_weight(W, torch.cat(padded), H, damp=damp, act_order=act_order, round_dtype=cast)
-    H32 = H.float()
-    out, start = {}, 0
-    for (name, _, _), master, lut in zip(members, masters, luts):
-        w, q = W[start: start + master.shape[0]], Q[start: start + master.shape[0]]
+    rows = []
+    for name, module, param in members:
+        master = module.parametrizations.weight.original
+        lut = param.centroids[:, :, 0].float().repeat_interleave(master.shape[0] // param.groups, dim=0)
+        rows.append((name, master, lut))  # lut (out, K): row r's LUT
+    width = max(lut.shape[1] for _, _, lut in rows)  # other bits: repeat the last entry (the same values)
+    padded = [torch.cat([lut, lut[:, -1:].expand(-1, width - lut.shape[1])], 1) for _, _, lut in rows]
+    W = torch.cat([m.detach().float() for _, m, _ in rows])
+    return [_Job(rows, W, torch.cat(padded), H.to(W.device), cast)]
+
+
+def _apply(job: _Job, Q: Tensor) -> dict[str, Compensation]:
+    """Write a sweep's result into its layers' master weights; each layer's errors."""
+    H32, out, start = job.H.float(), {}, 0
+    for name, master, lut in job.members:
+        w, q = job.W[start: start + master.shape[0]], Q[start: start + master.shape[0]]
         start += master.shape[0]
-        out[name] = Compensation(nearest_error=_relative_error(w, _nearest(w, lut, cast), H32),
+        out[name] = Compensation(nearest_error=_relative_error(w, _nearest(w, lut, job.cast), H32),
                                  error=_relative_error(w, q, H32))
         master.copy_(q.to(master.dtype))
     return out
