@@ -46,7 +46,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+               *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 from bench.harness import env_info, format_table, peak_memory, run_isolated, write_rows  # noqa: E402
 from edkm.config import GRANULARITIES  # noqa: E402

@@ -62,7 +62,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+               *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 import edkm  # noqa: E402
 from bench import accuracy_peers as peers  # noqa: E402  (imports coremltools only when a ct row runs)

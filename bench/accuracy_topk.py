@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+               *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 import edkm  # noqa: E402
 from bench.accuracy_peers import select_linears  # noqa: E402

@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):  # run as `python bench/kernels.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+                   *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 from bench.harness import Case, env_info, format_table, peak_memory, run_interleaved, time_call, write_rows
 from edkm.functional import dkm, kmeans_init

@@ -53,7 +53,9 @@ import torch
 from torch import nn
 
 if __package__ in (None, ""):  # run as `python bench/lowrank.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+                   *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 import edkm
 from bench.harness import Case, env_info, format_table, run_interleaved, write_rows

@@ -63,7 +63,9 @@ from typing import Callable
 import torch
 
 if __package__ in (None, ""):  # run as `python bench/speed.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+                   *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 from bench.harness import (
     Case,

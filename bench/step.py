@@ -45,7 +45,9 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):  # run as `python bench/step.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    # the repo root first, and not bench/ itself (bench/kernels.py would hide HF's kernels)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1]),
+                   *(p for p in sys.path if p != str(Path(__file__).resolve().parent))]
 
 from bench.harness import REPO, Case, env_info, format_table, run_interleaved, write_rows
 from bench.phases import phase_rows, profile_phases
