@@ -197,6 +197,8 @@ def compensate(model: nn.Module, hessians: Mapping[str, Tensor], damp: float = 0
         when the model has no clustered layer, a clustered linear has no Hessian, or a
         layer has ``cluster_dim`` > 1.
     """
+    if not (damp >= 0 and damp == damp and damp != float("inf")):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     layers = list(clustered_layers(model))
     if not layers:
         raise ValueError("compensate takes a model edkm.prepare clustered; it has no clustered layer")

@@ -141,6 +141,8 @@ def test_model_errors_name_the_problem():
     missing = {k: v for k, v in hessians.items() if not k.endswith("down_proj")}
     with pytest.raises(ValueError, match=r"no Hessian for the clustered layer 'model\.layers\.0\.mlp\.down_proj'"):
         compensate(model, missing)
+    with pytest.raises(ValueError, match="damp must be a finite number >= 0, got nan"):
+        compensate(model, hessians, damp=float("nan"))
     with pytest.raises(ValueError, match=r"windows must be \(n >= 1, L\)"):
         input_hessians(tiny_llama(hidden=32, layers=1, vocab_size=64), ids[0], cfg)
     model2, _, _ = _tiny()
