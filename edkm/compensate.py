@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from edkm.config import DKMConfig
+from edkm.functional.packing import nearest
 from edkm.layers import DKMWeight, clustered_layers
 from edkm.lowrank.calibrate import collect_input_stats
 from edkm.preparation import selected_layers
@@ -118,8 +119,7 @@ def compensate_weight(weight: Tensor, lut: Tensor, hessian: Tensor, damp: float 
     if tuple(hessian.shape) != (n, n):
         raise ValueError(f"hessian must be ({n}, {n}) for a weight of shape {tuple(weight.shape)}, got "
                          f"{tuple(hessian.shape)}")
-    if not (damp >= 0 and damp == damp and damp != float("inf")):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    _check_damp(damp)
     H = hessian.detach().double()
     if not torch.isfinite(H).all():
         raise ValueError("hessian contains NaN or Inf")
@@ -166,16 +166,15 @@ def _sweep(W: Tensor, C: Tensor, H: Tensor, damp: float, act_order: bool,
     return Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, out, n))
 
 
-def _nearest(weight: Tensor, lut: Tensor, round_dtype: torch.dtype | None) -> Tensor:
-    key = weight.float() if round_dtype is None else weight.to(round_dtype).float()
-    idx = torch.cat([(key[:, j: j + BLOCK, None] - lut[:, None, :]).abs().min(-1).indices  # first minimum
-                     for j in range(0, key.shape[1], BLOCK)], 1)  # (out, in), BLOCK columns at a time
-    return lut.gather(1, idx)
+def _check_damp(damp: float) -> None:
+    if not (damp >= 0 and damp == damp and damp != float("inf")):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
 
 
-def _relative_error(weight: Tensor, rounded: Tensor, H: Tensor) -> float:
-    D = rounded - weight
-    return float((D @ H * D).sum().double() / (weight @ H * weight).sum().double().clamp_min(1e-300))
+def _plain_rounding(param: DKMWeight, weight: Tensor) -> Tensor:
+    """``weight`` rounded as the layer's hard forward rounds it (nearest centroid of its points)."""
+    c = param.centroids[:, :, 0]  # (G, K)
+    return c.gather(1, nearest(param.points(weight), param.centroids)).reshape(weight.shape)
 
 
 @torch.no_grad()
@@ -197,8 +196,7 @@ def compensate(model: nn.Module, hessians: Mapping[str, Tensor], damp: float = 0
         when the model has no clustered layer, a clustered linear has no Hessian, or a
         layer has ``cluster_dim`` > 1.
     """
-    if not (damp >= 0 and damp == damp and damp != float("inf")):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    _check_damp(damp)
     layers = list(clustered_layers(model))
     if not layers:
         raise ValueError("compensate takes a model edkm.prepare clustered; it has no clustered layer")
@@ -243,7 +241,7 @@ class _Job:
     """One sweep: the stacked rows of layers that read one input (rows do not interact, so
     the result is each layer's own sweep)."""
 
-    members: list[tuple[str, Tensor, Tensor]]  # (name, master weight, its (out, K) LUT)
+    members: list[tuple[str, Tensor, DKMWeight]]  # (name, master weight, its parametrization)
     W: Tensor  # (rows, in) float32
     lut: Tensor  # (rows, K) padded to one width
     H: Tensor  # (in, in)
@@ -255,13 +253,11 @@ def _group_jobs(members: list[tuple[str, nn.Module, DKMWeight]], H: Tensor) -> l
     if len(casts) > 1:  # layers of one input clustered in other dtypes: one sweep each
         return [job for m in members for job in _group_jobs([m], H)]
     cast = None if casts == {"weight"} else getattr(torch, casts.pop())
-    rows = []
-    for name, module, param in members:
-        master = module.parametrizations.weight.original
-        lut = param.centroids[:, :, 0].float().repeat_interleave(master.shape[0] // param.groups, dim=0)
-        rows.append((name, master, lut))  # lut (out, K): row r's LUT
-    width = max(lut.shape[1] for _, _, lut in rows)  # other bits: repeat the last entry (the same values)
-    padded = [torch.cat([lut, lut[:, -1:].expand(-1, width - lut.shape[1])], 1) for _, _, lut in rows]
+    rows = [(name, module.parametrizations.weight.original, param) for name, module, param in members]
+    luts = [p.centroids[:, :, 0].float().repeat_interleave(m.shape[0] // p.groups, dim=0)  # (out, K): row r's
+            for _, m, p in rows]
+    width = max(lut.shape[1] for lut in luts)  # other bits: repeat the last entry (the same values)
+    padded = [torch.cat([lut, lut[:, -1:].expand(-1, width - lut.shape[1])], 1) for lut in luts]
     W = torch.cat([m.detach().float() for _, m, _ in rows])
     return [_Job(rows, W, torch.cat(padded), H.to(W.device), cast)]
 
@@ -269,10 +265,15 @@ def _group_jobs(members: list[tuple[str, nn.Module, DKMWeight]], H: Tensor) -> l
 def _apply(job: _Job, Q: Tensor) -> dict[str, Compensation]:
     """Write a sweep's result into its layers' master weights; each layer's errors."""
     H32, out, start = job.H.float(), {}, 0
-    for name, master, lut in job.members:
+    for name, master, param in job.members:
         w, q = job.W[start: start + master.shape[0]], Q[start: start + master.shape[0]]
         start += master.shape[0]
-        out[name] = Compensation(nearest_error=_relative_error(w, _nearest(w, lut, job.cast), H32),
-                                 error=_relative_error(w, q, H32))
+        scale = (w @ H32 * w).sum().double().clamp_min(1e-300)
+
+        def err(rounded: Tensor) -> float:  # tr(D H D^T) / tr(W H W^T)
+            D = rounded - w
+            return float((D @ H32 * D).sum().double() / scale)
+
+        out[name] = Compensation(nearest_error=err(_plain_rounding(param, w)), error=err(q))
         master.copy_(q.to(master.dtype))
     return out
