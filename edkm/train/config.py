@@ -95,6 +95,9 @@ class DataConfig:
             windows plus as many corpus windows, a seeded choice). The held-out split
             of ``corpus`` is scored in every case.
         teacher_windows: Windows the float model samples for ``teacher`` / ``mix``.
+        teacher_batch: Windows sampled together (KV cache and logits of that many rows at
+            once; the unit of caching, part of the cache key). 64 samples SmolLM2-135M on a
+            2-core CPU at 0.8 s per 128-token window, against 1.6 s at 16.
         teacher_cache_dir: Where sampled windows are cached (keyed by model and settings);
             ``""`` = edkm's cache (``$EDKM_CACHE_DIR`` or ``~/.cache/edkm``).
         eval_domains: Texts the before/after report and ``edkm eval`` score, each with
@@ -116,6 +119,7 @@ class DataConfig:
     compensate_damp: float = 0.01
     source: str = "corpus"
     teacher_windows: int = 64
+    teacher_batch: int = 64
     teacher_cache_dir: str = ""
     eval_domains: tuple[str, ...] = ("heldout", "wiki")
 
@@ -124,6 +128,7 @@ class DataConfig:
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         _positive("data.teacher_windows", self.teacher_windows)
+        _positive("data.teacher_batch", self.teacher_batch)
         domains = (self.eval_domains,) if isinstance(self.eval_domains, str) else tuple(self.eval_domains)
         if not domains or not all(isinstance(d, str) and d for d in domains) or len(set(domains)) != len(domains):
             raise ValueError(f"data.eval_domains must be a non-empty list of distinct names, got {self.eval_domains!r}")

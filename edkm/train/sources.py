@@ -30,9 +30,6 @@ from edkm.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-SAMPLE_BATCH = 16  # windows generated together (the unit of caching); part of the cache key
-
-
 def training_windows(config: TrainConfig, model: torch.nn.Module, tokenizer: Any, windows: TokenWindows,
                      device: torch.device | None = None, progress: bool = False) -> TokenWindows:
     """The windows the run trains on, for ``config.data.source``.
@@ -52,8 +49,7 @@ def training_windows(config: TrainConfig, model: torch.nn.Module, tokenizer: Any
     d = config.data
     if d.source == "corpus":
         return windows
-    teacher = sample_from_teacher(model, tokenizer, d.teacher_windows, d.seq_len, config.run.seed,
-                                  d.teacher_cache_dir or None, device, progress)
+    teacher = sample_from_teacher(model, tokenizer, d.teacher_windows, config, device, progress)
     if d.source == "teacher":
         train = teacher
     else:  # mix: as many corpus windows as teacher windows, spread over the corpus by the seed
@@ -65,23 +61,24 @@ def training_windows(config: TrainConfig, model: torch.nn.Module, tokenizer: Any
     return TokenWindows(train=train, heldout=windows.heldout)
 
 
-def sample_from_teacher(model: torch.nn.Module, tokenizer: Any, n_windows: int, seq_len: int, seed: int,
-                        cache_dir: str | None, device: torch.device | None = None,
-                        progress: bool = False) -> torch.Tensor:
-    """``n_windows`` windows of ``seq_len`` tokens sampled from ``model`` (cached, resumable).
+def sample_from_teacher(model: torch.nn.Module, tokenizer: Any, n_windows: int, config: TrainConfig,
+                        device: torch.device | None = None, progress: bool = False) -> torch.Tensor:
+    """``n_windows`` windows sampled from ``model`` with the run's settings (cached, resumable).
 
     Args:
         model: The float model. tokenizer: Its tokenizer.
-        n_windows, seq_len: How many windows, how long. seed: Sampling seed.
-        cache_dir: Cache root (None: edkm's cache). device: Where to sample.
-        progress: Show a tqdm bar.
+        n_windows: How many windows.
+        config: The run's config: ``data.seq_len`` tokens per window, ``data.teacher_batch``
+            windows per batch, ``data.teacher_cache_dir``, seed ``run.seed``.
+        device: Where to sample. progress: Show a tqdm bar.
     Returns:
         (n_windows, seq_len) int64 token ids on the CPU.
     """
     if device is not None:
         model.to(device)
+    d = config.data
     bos = getattr(tokenizer, "bos_token_id", None)
     special = [int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])]
-    return sample_teacher_windows(model, n_windows, seq_len, batch_size=min(SAMPLE_BATCH, n_windows), seed=seed,
-                                  prefix_ids=[] if bos is None else [int(bos)], exclude_ids=special,
-                                  cache_dir=cache_dir, progress=progress)
+    return sample_teacher_windows(model, n_windows, d.seq_len, batch_size=min(d.teacher_batch, n_windows),
+                                  seed=config.run.seed, prefix_ids=[] if bos is None else [int(bos)],
+                                  exclude_ids=special, cache_dir=d.teacher_cache_dir or None, progress=progress)

@@ -204,8 +204,7 @@ def calibration_hessians(model: torch.nn.Module, tokenizer: Any, train_windows: 
     if d.compensate_text == "teacher":
         from edkm.train.sources import sample_from_teacher
 
-        text = sample_from_teacher(model, tokenizer, n, d.seq_len, config.run.seed, d.teacher_cache_dir or None,
-                                   device, progress=log.isEnabledFor(logging.INFO))
+        text = sample_from_teacher(model, tokenizer, n, config, device, progress=log.isEnabledFor(logging.INFO))
     else:
         if n > train_windows.shape[0]:
             raise ValueError(f"data.compensate_windows={n} but only {train_windows.shape[0]} training windows exist")

@@ -100,3 +100,22 @@ def test_bad_settings_name_the_value(teacher, tmp_path, kwargs, bad):
 def test_cache_dir_defaults_to_edkm_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("EDKM_CACHE_DIR", str(tmp_path))
     assert teacher_text_dir(None, {"a": 1}).parent == tmp_path
+
+
+def test_sampled_tokens_follow_the_softmax_and_skip_masked_entries():
+    from edkm.hub.teacher_text import _next_token
+
+    logits = torch.tensor([2.0, 0.5, -1.0, 1.0, -30.0, 0.0]).expand(40_000, -1)  # (B, V), one row repeated
+    gen = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, None), (0.7, None), (1.0, 3)):
+        ids = _next_token(logits, False, temperature, top_k, gen)
+        assert ids.shape == (40_000, 1) and ids.dtype == torch.int64
+        scaled = logits[0] / temperature
+        if top_k is not None:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
+        p = scaled.softmax(-1).double()
+        freq = torch.bincount(ids[:, 0], minlength=6).double() / ids.shape[0]
+        sigma = (p * (1 - p) / ids.shape[0]).sqrt()
+        assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (temperature, top_k, freq, p)
+        if top_k is not None:
+            assert freq[p == 0].sum() == 0  # masked entries are never drawn

@@ -41,6 +41,12 @@ def test_teacher_source_is_the_float_models_samples_and_the_cache_is_reused(tmp_
 
     monkeypatch.setattr(teacher_text, "_sample_batch", no_sampling)
     assert torch.equal(training_windows(cfg, model, tok, windows).train, got.train)
+    batched = _cfg(tmp_path, "data.source=teacher", "data.teacher_batch=4")  # 2 batches (4 + 2): other samples
+    monkeypatch.undo()
+    want = sample_teacher_windows(model, 6, cfg.data.seq_len, batch_size=4, seed=cfg.run.seed,
+                                  cache_dir=tmp_path / "other-cache")
+    assert torch.equal(training_windows(batched, model, tok, windows).train, want)
+    monkeypatch.setattr(teacher_text, "_sample_batch", no_sampling)
     other = _cfg(tmp_path, "data.source=teacher", "run.seed=1")  # other settings: another cache entry
     with pytest.raises(AssertionError, match="sampled again"):
         training_windows(other, model, tok, windows)

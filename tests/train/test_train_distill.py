@@ -83,6 +83,7 @@ def test_ce_loss_is_the_models_own_lm_loss_bitwise(tmp_path):
     ("optim.ce_weight=-1", "optim.ce_weight must be >= 0, got -1.0"),
     ("data.source=web", "data.source must be one of ('corpus', 'teacher', 'mix'), got 'web'"),
     ("data.teacher_windows=0", "data.teacher_windows must be an integer >= 1, got 0"),
+    ("data.teacher_batch=0", "data.teacher_batch must be an integer >= 1, got 0"),
     ("data.eval_domains=[]", "data.eval_domains must be a non-empty list of distinct names, got []"),
 ])
 def test_bad_loss_and_source_values_are_named(override, text):
