@@ -15,6 +15,7 @@ and `patterns.c` the per-element passes of 16-bit points keyed by their bit patt
     c_segment_sum(points, keys, src)          -> (G, U) sums
     c_gather_rows(points, keys, rows)         -> (G, N) 16-bit
     c_element_grad(points, keys, grad, jac, shared, scale) -> (G, N) fp32
+    c_nearest(points, centroids)              -> (G, N) int64 nearest-centroid codes
 
 Shapes (d = 1): values, mass, seg, rows, jac, shared (G, U); c0 (G, K); c_hist
 (G, T+1, K); den_hist (G, T, K); fp32 CPU tensors, K <= 256. Groups are spread over
@@ -77,6 +78,7 @@ _SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c
     "edkm_gather_rows": [_P] * 4 + [_L] * 5,
     "edkm_fill_table": [_P, _P, _P, _L, _L, _I, _P, _P, _P, _L, _L],
     "edkm_element_grad": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I] + [_L] * 5,
+    "edkm_nearest": [_P, _I, _P, _P] + [_L] * 5,
 }
 # Value kinds of patterns.c.
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -409,5 +411,28 @@ def c_element_grad(points: Tensor, keys: Tensor, grad: Tensor, jac: Tensor, shar
     return out
 
 
-__all__ = ["available", "build_error", "c_element_grad", "c_gather_rows", "c_segment_sum", "c_table_bwd", "c_table_forward",
-           "c_table_iterate", "c_unique_patterns", "library_path"]
+def c_nearest(points: Tensor, centroids: Tensor) -> Tensor:
+    """The index of the nearest centroid of every point (the first of equal distances).
+
+    Args:
+        points: (G, N) fp32 / bf16 / fp16 (compared in fp32, exactly converted).
+        centroids: (G, K) fp32, 1 <= K <= 256.
+    Returns:
+        (G, N) int64: the argmin over k of ``(points - centroids[:, k]) ** 2`` in fp32, as
+        `edkm.functional.packing.nearest`'s torch path (a NaN distance never wins here).
+    """
+    G, N = points.shape
+    K = centroids.shape[1] if centroids.dim() == 2 else 0
+    _check("points", points, (G, N), VALUES)
+    _check("centroids", centroids, (G, K))
+    if not 1 <= K <= KMAX:
+        raise ValueError(f"c_nearest takes 1 <= K <= {KMAX} centroids, got K={K}")
+    lib = _require()
+    out = torch.empty(G, N, dtype=torch.int64)
+    ptrs = [_ptr(t) for t in (points, centroids, out)]
+    _run(lib.edkm_nearest, G, lambda g0, g1: (ptrs[0], _KINDS[points.dtype], *ptrs[1:], G, N, K, g0, g1))
+    return out
+
+
+__all__ = ["available", "build_error", "c_element_grad", "c_gather_rows", "c_nearest", "c_segment_sum", "c_table_bwd",
+           "c_table_forward", "c_table_iterate", "c_unique_patterns", "library_path"]

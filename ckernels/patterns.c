@@ -192,3 +192,41 @@ int edkm_element_grad(const uint16_t* pts, const int64_t* keys, const void* grad
     }
     return 0;
 }
+
+/* Nearest centroid of every point of [g0, g1): out[g, i] = the first k minimising
+ * (x - c[g, k])^2, both in fp32, x = pts[g, i] read as `kind` (exact), c (G, K) fp32; as
+ * torch's sq_dist(...).argmin(-1) (`edkm.functional.packing.nearest`), except that a NaN
+ * distance never wins. Points run in blocks of 64 so the loop over k vectorises across
+ * points. Returns -2 unless 1 <= K <= 256. */
+#define NEAREST_BLOCK 64
+int edkm_nearest(const void* pts, int kind, const float* cents, int64_t* out, long G, long N, long K, long g0,
+                 long g1) {
+    (void)G;
+    if (K < 1 || K > 256) return -2;
+    for (long g = g0; g < g1; g++) {
+        const float* c = cents + g * K;
+        for (long i0 = 0; i0 < N; i0 += NEAREST_BLOCK) {
+            long n = N - i0 < NEAREST_BLOCK ? N - i0 : NEAREST_BLOCK;
+            float x[NEAREST_BLOCK], best[NEAREST_BLOCK];
+            int32_t idx[NEAREST_BLOCK];
+            for (long j = 0; j < n; j++) {
+                x[j] = load_value(pts, g * N + i0 + j, kind);
+                float d = x[j] - c[0];
+                best[j] = d * d;
+                idx[j] = 0;
+            }
+            for (long k = 1; k < K; k++) {
+                float ck = c[k];
+                for (long j = 0; j < n; j++) {
+                    float d = x[j] - ck;
+                    d = d * d;
+                    int take = d < best[j];
+                    best[j] = take ? d : best[j];
+                    idx[j] = take ? (int32_t)k : idx[j];
+                }
+            }
+            for (long j = 0; j < n; j++) out[g * N + i0 + j] = idx[j];
+        }
+    }
+    return 0;
+}

@@ -142,10 +142,7 @@ def _sweep(W: Tensor, C: Tensor, H: Tensor, damp: float, act_order: bool,
     H = H.gather(1, perm[:, :, None].expand(B, n, n)).gather(2, perm[:, None, :].expand(B, n, n))
     diag = H.diagonal(dim1=1, dim2=2)
     diag.add_(damp * diag.mean(1, keepdim=True))
-    try:
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    except torch.linalg.LinAlgError as err:
-        raise ValueError(f"hessian is not positive definite after damp={damp}; raise damp ({err})") from None
+    U = _inverse_factor(H, damp).float()
     # Columns as contiguous rows: Wt[:, j] is input column j of every output row.
     Wt = W.transpose(1, 2).contiguous()
     Qt = torch.empty_like(Wt)
@@ -164,6 +161,19 @@ def _sweep(W: Tensor, C: Tensor, H: Tensor, damp: float, act_order: bool,
         Wt[:, b1:] -= U[:, b0:b1, b1:].transpose(1, 2) @ E
     Q = Qt.transpose(1, 2)
     return Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, out, n))
+
+
+def _inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor U of H^-1 (U^T U = H^-1), (B, n, n), from one Cholesky and
+    one triangular inverse: with J the reversal, J H J = L L^T gives H^-1 = M^T M for the
+    upper triangular M = J L^-1 J (GPTQ's Cholesky of the explicit inverse costs twice as much)."""
+    flipped = H.flip(1, 2)
+    L, info = torch.linalg.cholesky_ex(flipped)
+    if bool((info != 0).any()):
+        raise ValueError(f"hessian is not positive definite after damp={damp}; raise damp "
+                         f"(leading minor {int(info[info != 0][0])} of the reversed matrix)")
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(H)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(1, 2)
 
 
 def _check_damp(damp: float) -> None:

@@ -22,16 +22,37 @@ from edkm.functional.table import CHUNK
 def nearest(points: Tensor, centroids: Tensor) -> Tensor:
     """Index of the nearest centroid of every point, (G, N) int64; ties go to the lowest index.
 
+    The argmin of the squared differences in the centroids' dtype. On the CPU with d = 1,
+    fp32 centroids and the C kernels built, `edkm.ckernels.c_nearest` computes the same
+    argmin without the (G, N, K) distances (7 s -> under 1 s for SmolLM2's 106M clustered
+    weights, 2 threads); elsewhere torch does, in chunks.
+
     Args:
         points: (G, N, d) any float dtype (compared in the centroids' dtype).
         centroids: (G, K, d).
     """
-    G, N, _ = points.shape
+    G, N, d = points.shape
+    if _c_nearest_applies(points, centroids):
+        from edkm import ckernels
+
+        return ckernels.c_nearest(points[..., 0].contiguous(), centroids[..., 0].contiguous())
     out = torch.empty(G, N, dtype=torch.int64, device=points.device)
     step = max(1, CHUNK // (4 * G))  # (G, step, K) distances stay a few MB
     for s in range(0, N, step):
         out[:, s : s + step] = sq_dist(points[:, s : s + step].to(centroids.dtype), centroids).argmin(-1)
     return out
+
+
+def _c_nearest_applies(points: Tensor, centroids: Tensor) -> bool:
+    if points.shape[-1] != 1 or points.device.type != "cpu" or centroids.device.type != "cpu":
+        return False
+    if centroids.dtype != torch.float32 or points.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not 1 <= centroids.shape[1] <= 256:
+        return False
+    from edkm import ckernels
+
+    return ckernels.available()
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

@@ -326,3 +326,25 @@ def test_compiler_without_the_vector_width_flag_keeps_march_native(tmp_path):
     assert len(lines) == 2, lines
     assert ckernels.WIDE_FLAGS[0] in lines[0].split()
     assert "-march=native" in lines[1].split() and ckernels.WIDE_FLAGS[0] not in lines[1].split()
+
+
+@pytest.mark.parametrize("K", [1, 3, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_nearest_is_the_first_argmin(K, dtype):
+    from edkm.functional.iterations import sq_dist
+
+    gen = torch.Generator().manual_seed(K)
+    c = torch.randn(5, K, generator=gen) * 0.02
+    if K > 2:
+        c[0, K - 1] = c[0, 1]  # equal centroids: the first wins
+    x = (torch.randn(5, 131, generator=gen) * 0.03).to(dtype)  # not a multiple of the 64-point block
+    x[:, :K] = c[:, :131].to(dtype)
+    want = sq_dist(x.float().unsqueeze(-1), c.unsqueeze(-1)).argmin(-1)
+    assert torch.equal(ckernels.c_nearest(x, c), want)
+
+
+def test_c_nearest_names_bad_arguments():
+    with pytest.raises(ValueError, match="1 <= K <= 256"):
+        ckernels.c_nearest(torch.zeros(2, 4), torch.zeros(2, 257))
+    with pytest.raises(ValueError, match="centroids: want a contiguous float32"):
+        ckernels.c_nearest(torch.zeros(2, 4), torch.zeros(2, 3, dtype=torch.float64))

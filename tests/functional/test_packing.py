@@ -82,3 +82,38 @@ def test_assign_codes_is_nearest_then_pack():
     assert torch.equal(dist.gather(2, got.unsqueeze(-1))[..., 0], dist.min(-1).values)
     with pytest.raises(ValueError, match="K <= 2\\*\\*bits, got bits=2, K=8"):
         assign_codes(points, centroids, 2, backend="torch")
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nearest_is_the_argmin_of_squared_differences(dtype, path, monkeypatch):
+    from edkm import ckernels
+    from edkm.functional import packing
+    from edkm.functional.iterations import sq_dist
+
+    if path == "c" and not ckernels.available():
+        pytest.skip(f"C kernels unavailable: {ckernels.build_error()}")
+    calls = []
+    if path == "torch":
+        monkeypatch.setattr(packing, "_c_nearest_applies", lambda p, c: False)
+    else:
+        real = ckernels.c_nearest
+        monkeypatch.setattr(ckernels, "c_nearest", lambda p, c: calls.append(1) or real(p, c))
+
+    gen = torch.Generator().manual_seed(0)
+    c = (torch.randn(6, 16, 1, generator=gen) * 0.02).to(dtype).float()
+    c[1, 5] = c[1, 2]  # duplicated centroids: the lower index wins
+    c[1, 9] = c[1, 2]
+    c[2] = c[2, :1]  # one group of 16 equal centroids
+    c[3, 3:6] = c[3, 10]  # a run of three equal to a later one
+    x = (torch.randn(6, 5000, 1, generator=gen) * 0.03).to(dtype)
+    x[:, :16] = c[:, :, :].to(dtype)  # points exactly on centroids
+    mids = (c[:, :-1] + c[:, 1:]) / 2
+    x[:, 16:31] = mids.to(dtype)  # points on (rounded) midpoints of index neighbours
+    cs = c.sort(1).values
+    x[:, 31:46] = ((cs[:, :-1] + cs[:, 1:]) / 2).to(dtype)  # and of value neighbours
+    x[:, 46:61] = ((cs[:, :-1] + cs[:, 1:]) / 2).nextafter(cs[:, 1:]).to(dtype)  # one step above
+    want = sq_dist(x.float(), c).argmin(-1)
+    assert torch.equal(nearest(x, c), want)
+    assert torch.equal(nearest(x[:, :7], c[:, :1]), torch.zeros(6, 7, dtype=torch.int64))  # K = 1
+    assert len(calls) == (2 if path == "c" else 0)  # the C kernel served the CPU fp32-centroid case
