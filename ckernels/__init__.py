@@ -17,11 +17,17 @@ and `patterns.c` the per-element passes of 16-bit points keyed by their bit patt
     c_element_grad(points, keys, grad, jac, shared, scale) -> (G, N) fp32
     c_nearest(points, centroids)              -> (G, N) int64 nearest-centroid codes
 
+and one block of `edkm.compensate`'s column sweep (its torch loop is the spec):
+
+    c_obs_block(Wt, U, Ct, Qt, b0, b1, round_bf16) -> (B, b1 - b0, out) errors
+
 Shapes (d = 1): values, mass, seg, rows, jac, shared (G, U); c0 (G, K); c_hist
 (G, T+1, K); den_hist (G, T, K); fp32 CPU tensors, K <= 256. Groups are spread over
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL during the call).
 
-Build: ``$CC`` (default ``cc``) with ``-O3 -march=native``, on x86-64 also
+Build: ``$CC`` (default ``cc``) with ``-O3 -march=native -ffp-contract=off`` (no fused
+multiply-adds, so a kernel that promises torch's fp32 rounding keeps it; GCC's ISO C mode
+implies it, clang's does not), on x86-64 also
 ``-mprefer-vector-width=512`` (each dropped in turn if the compiler refuses it: `FLAG_SETS`), cached under
 ``$EDKM_CACHE_DIR/ckernels`` (default ``~/.cache/edkm/ckernels``) keyed by the source,
 the flags and the CPU; written atomically, so concurrent processes are safe. `available`
@@ -49,10 +55,10 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("table.c", "patterns.c"))
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("scratch.h",))  # part of the cache key
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off")
 # Tried when FLAGS fail (a compiler without -march=native, e.g. some clang on arm64): the
 # kernels vectorise for the baseline ISA only.
-PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off")
 # x86-64: GCC 12 tunes an AVX-512 Xeon as rocketlake, which prefers 256-bit vectors: the
 # kernels' 16-lane blocks then run as two ymm halves (no zmm instruction in table.c's
 # assembly; 2054 with this flag). 512-bit vectors make a whole SmolLM2 DKM training step 6%
@@ -63,6 +69,7 @@ WIDE_FLAGS = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x
 # Tried in order until one compiles.
 FLAG_SETS = tuple(dict.fromkeys(((*FLAGS, *WIDE_FLAGS), FLAGS, PORTABLE_FLAGS)))
 KMAX = 256  # table.c's KMAX
+OBS_ROWS = 64  # rows per task of edkm_obs_block (patterns.c)
 # Groups per thread task: enough work (~1 ms at SmolLM2 shapes) to amortise a ctypes call.
 MIN_GROUPS_PER_TASK = 4
 # Largest scratch buffer kept between calls, in elements (16M: 96 MB for the table build's
@@ -79,6 +86,7 @@ _SIGNATURES = {  # argument types of the exported functions (table.c, patterns.c
     "edkm_fill_table": [_P, _P, _P, _L, _L, _I, _P, _P, _P, _L, _L],
     "edkm_element_grad": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _I] + [_L] * 5,
     "edkm_nearest": [_P, _I, _P, _P] + [_L] * 5,
+    "edkm_obs_block": [_P] * 5 + [_L] * 6 + [_I, _L, _L],
 }
 # Value kinds of patterns.c.
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -434,5 +442,35 @@ def c_nearest(points: Tensor, centroids: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["available", "build_error", "c_element_grad", "c_gather_rows", "c_nearest", "c_segment_sum", "c_table_bwd",
-           "c_table_forward", "c_table_iterate", "c_unique_patterns", "library_path"]
+def c_obs_block(Wt: Tensor, U: Tensor, Ct: Tensor, Qt: Tensor, b0: int, b1: int, round_bf16: bool) -> Tensor:
+    """One lazy block [b0, b1) of `edkm.compensate`'s column sweep, in place (its torch loop,
+    ``_block``, is the spec: the same fp32 operations in the same order; tests hold the
+    chosen values equal).
+
+    Args:
+        Wt: (B, n, out) fp32 weights, column-major per problem (updated over the block's columns).
+        U: (B, n, n) fp32 upper Cholesky factor of each inverse Hessian.
+        Ct: (B, K, out) fp32: row r's LUT in Ct[b, :, r], 1 <= K <= 256.
+        Qt: (B, n, out) fp32: the block's columns receive the chosen LUT values.
+        b0, b1: The block's columns. round_bf16: Round each weight to bf16 before choosing.
+    Returns:
+        (B, b1 - b0, out) fp32 errors ``(w - q) / U[j, j]`` of the block.
+    """
+    B, n, out = Wt.shape
+    K = Ct.shape[1] if Ct.dim() == 3 else 0
+    _check("Wt", Wt, (B, n, out))
+    _check("U", U, (B, n, n))
+    _check("Ct", Ct, (B, K, out))
+    _check("Qt", Qt, (B, n, out))
+    if not 1 <= K <= KMAX or not 0 <= b0 < b1 <= n:
+        raise ValueError(f"c_obs_block takes 1 <= K <= {KMAX} and 0 <= b0 < b1 <= n={n}, got K={K}, b0={b0}, b1={b1}")
+    lib = _require()
+    E = torch.empty(B, b1 - b0, out, dtype=torch.float32)
+    tasks = B * -(-out // OBS_ROWS)
+    ptrs = [_ptr(t) for t in (Wt, U, Ct, Qt, E)]
+    _run(lib.edkm_obs_block, tasks, lambda t0, t1: (*ptrs, B, n, out, K, b0, b1, int(round_bf16), t0, t1))
+    return E
+
+
+__all__ = ["available", "build_error", "c_element_grad", "c_gather_rows", "c_nearest", "c_obs_block", "c_segment_sum",
+           "c_table_bwd", "c_table_forward", "c_table_iterate", "c_unique_patterns", "library_path"]

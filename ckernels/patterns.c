@@ -16,6 +16,7 @@
  *
  * Value kinds (the `kind` arguments): 0 fp32, 1 bf16, 2 fp16 (exact conversion to fp32).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,6 +227,69 @@ int edkm_nearest(const void* pts, int kind, const float* cents, int64_t* out, lo
                 }
             }
             for (long j = 0; j < n; j++) out[g * N + i0 + j] = idx[j];
+        }
+    }
+    return 0;
+}
+
+/* One lazy block of compensate's column sweep (`edkm.compensate._sweep`, its torch twin and
+ * spec), for the rows [r0, r0 + 64) of problem b, task t = b * ceil(out / 64) + chunk, for the
+ * tasks [t0, t1). Wt (B, n, out): column j of every row contiguous (updated in place over the
+ * block's columns); U (B, n, n) the upper inverse factor; Ct (B, K, out) each row's LUT;
+ * Qt (B, n, out) receives the chosen values; E (B, bs, out) the scaled errors. For column j of
+ * [b0, b1): key = w rounded to bf16 when round_kind is 1 (as is, 0); q = the first LUT entry
+ * of least |key - c|; e = (w - q) / U[j, j]; every later column j' of the block loses
+ * U[j, j'] * e (a product, then a difference: no fused multiply-add, as torch). */
+#define OBS_ROWS 64
+int edkm_obs_block(float* Wt, const float* U, const float* Ct, float* Qt, float* E, long B, long n, long out, long K,
+                   long b0, long b1, int round_kind, long t0, long t1) {
+    (void)B;
+    if (K < 1 || K > 256 || b0 < 0 || b1 > n || b1 <= b0 || (round_kind != 0 && round_kind != 1)) return -2;
+    long chunks = (out + OBS_ROWS - 1) / OBS_ROWS, bs = b1 - b0;
+    for (long t = t0; t < t1; t++) {
+        long b = t / chunks, r0 = (t % chunks) * OBS_ROWS;
+        long m = out - r0 < OBS_ROWS ? out - r0 : OBS_ROWS;
+        float* W = Wt + b * n * out + r0;
+        const float* Ub = U + b * n * n;
+        const float* C = Ct + b * K * out + r0;
+        float* Q = Qt + b * n * out + r0;
+        float* Eb = E + b * bs * out + r0;
+        for (long j = b0; j < b1; j++) {
+            float* w = W + j * out;
+            float e[OBS_ROWS], key[OBS_ROWS], best[OBS_ROWS], q[OBS_ROWS];
+            for (long r = 0; r < m; r++) {
+                float x = w[r];
+                if (round_kind == 1) {
+                    uint16_t h = f32_to_bf16(x);
+                    x = bits_to_f32((uint32_t)h << 16);
+                }
+                key[r] = x;
+                best[r] = fabsf(x - C[r]);
+                q[r] = C[r];
+            }
+            for (long k = 1; k < K; k++) {
+                const float* ck = C + k * out;
+                for (long r = 0; r < m; r++) {
+                    float d = fabsf(key[r] - ck[r]);
+                    int take = d < best[r];
+                    best[r] = take ? d : best[r];
+                    q[r] = take ? ck[r] : q[r];
+                }
+            }
+            float ujj = Ub[j * n + j];
+            for (long r = 0; r < m; r++) {
+                Q[j * out + r] = q[r];
+                e[r] = (w[r] - q[r]) / ujj;
+                Eb[(j - b0) * out + r] = e[r];
+            }
+            for (long jj = j + 1; jj < b1; jj++) {
+                float u = Ub[j * n + jj];
+                float* wj = W + jj * out;
+                for (long r = 0; r < m; r++) {
+                    float p = u * e[r];
+                    wj[r] = wj[r] - p;
+                }
+            }
         }
     }
     return 0;

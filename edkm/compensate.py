@@ -142,25 +142,49 @@ def _sweep(W: Tensor, C: Tensor, H: Tensor, damp: float, act_order: bool,
     H = H.gather(1, perm[:, :, None].expand(B, n, n)).gather(2, perm[:, None, :].expand(B, n, n))
     diag = H.diagonal(dim1=1, dim2=2)
     diag.add_(damp * diag.mean(1, keepdim=True))
-    U = _inverse_factor(H, damp).float()
+    U = _inverse_factor(H, damp).float().contiguous()
     # Columns as contiguous rows: Wt[:, j] is input column j of every output row.
     Wt = W.transpose(1, 2).contiguous()
     Qt = torch.empty_like(Wt)
+    use_c = _c_sweep_applies(Wt, C, round_dtype)
+    Ct = C.transpose(1, 2).contiguous() if use_c else None  # (B, K, out): row r's LUT in Ct[b, :, r]
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        Wb, Ub = Wt[:, b0:b1], U[:, b0:b1, b0:b1]
-        E = torch.empty_like(Wb)
-        for j in range(b1 - b0):
-            w = Wb[:, j]  # (B, out)
-            key = w if round_dtype is None else w.to(round_dtype).float()
-            q = C.gather(2, (key[:, :, None] - C).abs().min(2, keepdim=True).indices)[:, :, 0]  # first minimum
-            Qt[:, b0 + j] = q
-            e = (w - q) / Ub[:, j, j, None]
-            Wb[:, j:] -= Ub[:, j, j:, None] * e[:, None, :]
-            E[:, j] = e
+        if use_c:  # _block in C, the same fp32 operations (tests/test_compensate.py)
+            from edkm import ckernels
+
+            E = ckernels.c_obs_block(Wt, U, Ct, Qt, b0, b1, round_dtype is torch.bfloat16)
+        else:
+            E = _block(Wt[:, b0:b1], U[:, b0:b1, b0:b1], C, Qt[:, b0:b1], round_dtype)
         Wt[:, b1:] -= U[:, b0:b1, b1:].transpose(1, 2) @ E
     Q = Qt.transpose(1, 2)
     return Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, out, n))
+
+
+def _block(Wb: Tensor, Ub: Tensor, C: Tensor, Qb: Tensor, round_dtype: torch.dtype | None) -> Tensor:
+    """One lazy block of the sweep in torch: Wb (B, bs, out) the block's columns (updated),
+    Ub (B, bs, bs) its part of the factor, C (B, out, K), Qb (B, bs, out) receives the chosen
+    values. Returns the (B, bs, out) errors ``(w - q) / U_jj``."""
+    E = torch.empty_like(Wb)
+    for j in range(Wb.shape[1]):
+        w = Wb[:, j]  # (B, out)
+        key = w if round_dtype is None else w.to(round_dtype).float()
+        q = C.gather(2, (key[:, :, None] - C).abs().min(2, keepdim=True).indices)[:, :, 0]  # first minimum
+        Qb[:, j] = q
+        e = (w - q) / Ub[:, j, j, None]
+        Wb[:, j + 1:] -= Ub[:, j, j + 1:, None] * e[:, None, :]
+        E[:, j] = e
+    return E
+
+
+def _c_sweep_applies(Wt: Tensor, C: Tensor, round_dtype: torch.dtype | None) -> bool:
+    """Whether `edkm.ckernels.c_obs_block` runs the sweep: CPU, rounding as is or to bf16,
+    at most 256 LUT entries, and the C kernels built."""
+    if Wt.device.type != "cpu" or round_dtype not in (None, torch.bfloat16) or C.shape[2] > 256:
+        return False
+    from edkm import ckernels
+
+    return ckernels.available()
 
 
 def _inverse_factor(H: Tensor, damp: float) -> Tensor:

@@ -54,6 +54,29 @@ def test_equals_the_naive_obs_sweep(act_order):
     assert torch.equal(got.double(), want)
 
 
+@pytest.mark.parametrize("round_dtype", [None, torch.bfloat16])
+def test_c_sweep_chooses_what_the_torch_loop_chooses(round_dtype, monkeypatch):
+    import importlib
+
+    from edkm import ckernels
+
+    comp = importlib.import_module("edkm.compensate")  # the module (edkm.compensate is also the function)
+
+    if not ckernels.available():
+        pytest.skip(f"C kernels unavailable: {ckernels.build_error()}")
+    w, lut, _, H = _problem(out=150, n=300, k=16)  # 150 rows: 64-row tasks and a remainder
+    w2, lut2, _, H2 = _problem(out=150, n=300, k=16, seed=1)
+    W, C, Hs = torch.stack([w, w2]), torch.stack([lut, lut2]), torch.stack([H, H2])
+    calls = []
+    real = ckernels.c_obs_block
+    monkeypatch.setattr(ckernels, "c_obs_block", lambda *a: calls.append(1) or real(*a))
+    got = comp._sweep(W, C, Hs, 0.01, True, round_dtype)
+    assert len(calls) == 3  # three lazy blocks, all in C
+    monkeypatch.setattr(comp, "_c_sweep_applies", lambda *a: False)
+    want = comp._sweep(W, C, Hs, 0.01, True, round_dtype)
+    assert torch.equal(got, want)
+
+
 def test_uncorrelated_inputs_give_nearest_rounding():
     w, lut, _, _ = _problem(n=64)
     H = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)  # diagonal: no error to spread
