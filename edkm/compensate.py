@@ -76,7 +76,8 @@ def input_hessians(model: nn.Module, windows: Tensor, config: DKMConfig | None =
     if not layers:
         raise ValueError("input_hessians: no nn.Linear layer selected")
     batches = [windows[i: i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-    stats = collect_input_stats(model, batches, [n for n, _ in layers], product_dtype=torch.float32)
+    stats = collect_input_stats(model, batches, [n for n, _ in layers], product_dtype=torch.float32,
+                                stop_early=True)  # the LM head over the vocabulary need not run
     matrices = {leader: m.matrix().float() for leader, m in stats.moments.items()}  # summed in fp64
     log.info("input Hessians of %d layers (%d distinct inputs) from %d windows (%d tokens)", len(layers),
              len(matrices), windows.shape[0], windows.numel())

@@ -68,7 +68,7 @@ def causal_lm_loss(model: nn.Module, batch: Any) -> Tensor:
 
 def collect_input_stats(
     model: nn.Module, batches: Iterable[Any], names: Sequence[str], *, loss_fn: LossFn | None = None,
-    product_dtype: torch.dtype = torch.float64,
+    product_dtype: torch.dtype = torch.float64, stop_early: bool = False,
 ) -> CalibrationStats:
     """Accumulate each named layer's input second moment (and output-gradient moment).
 
@@ -80,6 +80,9 @@ def collect_input_stats(
         loss_fn: ``loss_fn(model, batch) -> scalar``; when given, the forward runs with
             gradients and ``G`` is collected too (e.g. `causal_lm_loss`).
         product_dtype: Dtype of each batch's ``x^T x`` for ``S`` (`SecondMoment.add`).
+        stop_early: Without ``loss_fn``, end each forward once every named layer has taken
+            its input (the rest of the model, e.g. the LM head over the vocabulary, does not
+            run). Only for layers called once per forward.
     Returns:
         The statistics. Raises ``ValueError`` if a layer saw no inputs, or if layers share
         an input tensor in one batch but not in another.
@@ -94,10 +97,17 @@ def collect_input_stats(
     outputs: list[tuple[str, Tensor]] = []  # this batch's layer outputs, for the gradient pass
     live: list[tuple[weakref.ref, str]] = []  # inputs seen in this forward -> leader that took them
     state = {"first": True}
+    called: set[str] = set()  # layers that took their input in this batch
+    wanted, stop = set(names), stop_early and loss_fn is None
 
     def pre_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
+            take(name, args[0])
+            called.add(name)
+            if stop and len(called) == len(wanted):
+                raise _AllInputsTaken
+
+        def take(name: str, x: Tensor) -> None:
             live[:] = [(r, k) for r, k in live if r() is not None]
             seen = next((k for r, k in live if r() is x), None)
             if state["first"] and name not in leader:
@@ -138,9 +148,13 @@ def collect_input_stats(
             p.requires_grad_(loss_fn is not None)
         for batch in batches:
             batch = _to(batch, device)
+            called.clear()
             if loss_fn is None:
                 with torch.no_grad():
-                    _call(model, batch)
+                    try:
+                        _call(model, batch)
+                    except _AllInputsTaken:
+                        pass
             else:
                 with torch.enable_grad():
                     _gradient_pass(model, batch, loss_fn, outputs, grads)
@@ -160,6 +174,10 @@ def collect_input_stats(
     for n in leader:  # dict order = first call order
         groups.setdefault(leader[n], []).append(n)
     return CalibrationStats(moments, [tuple(g) for g in groups.values()], grads)
+
+
+class _AllInputsTaken(Exception):
+    """Raised by the last hooked layer's pre-hook to end a forward early (``stop_early``)."""
 
 
 def _gradient_pass(
