@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                    "coreml: a .mlpackage.")
     x.add_argument("--which", choices=("best", "latest"), default="best",
                    help="For a run directory: the best scored checkpoint (default; run.best_by: held-out KL "
-                        "for kd runs, perplexity for ce) or the latest one.")
+                        "for kd runs, KL + ce_weight x NLL for kd+ce, perplexity for ce) or the latest one.")
     x.add_argument("--format", choices=("edkm", "folder", "coreml"), default="edkm",
                    help="edkm: packed safetensors; folder: save_pretrained-style folder with config and tokenizer; "
                    "coreml: stateful Core ML .mlpackage with the exact LUTs (needs the coreml extra). For coreml "

@@ -52,7 +52,7 @@ def save_checkpoint(output_dir: str | Path, step: int, state: dict[str, Any], me
         keep: Number of most recent checkpoints kept on disk (``best`` is kept too).
         score: Held-out score of this state (lower is better), or None. A finite score
             lower than the current best's moves ``best`` here.
-        score_by: What ``score`` measures (``ppl`` or ``kl``, `TrainConfig.score_by`),
+        score_by: What ``score`` measures (``ppl``, ``kl`` or ``loss``, `TrainConfig.score_by`),
             stored next to it: scores are only compared with scores of the same kind.
     Returns:
         The checkpoint directory. Raises `CheckpointError` naming the path, the bytes

@@ -29,7 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_DIVERGENCE = ("stop", "rollback")
-BEST_BY = ("auto", "ppl", "kl")
+BEST_BY = ("auto", "ppl", "kl", "loss")
 LOSSES = ("kd", "ce", "kd+ce")
 SOURCES = ("corpus", "teacher", "mix")
 COMPENSATE_TEXTS = ("teacher", "train")
@@ -252,8 +252,13 @@ class RunConfig:
             exported when it beats the final weights): ``ppl`` (held-out perplexity),
             ``kl`` (mean per-token KL(float model || clustered model) on the held-out
             windows: faithfulness to the float model, what ``kd`` trains for; needs the
-            teacher of ``optim.loss=kd`` or ``kd+ce``), or ``auto`` (``kl`` for the ``kd``
-            losses, ``ppl`` for ``ce``). Either way the divergence guard vets the
+            teacher of ``optim.loss=kd`` or ``kd+ce``), ``loss`` (the held-out value of the
+            training objective at temperature 1: KL for ``kd``, the mean next-token NLL for
+            ``ce``, KL + ``optim.ce_weight`` x NLL for ``kd+ce``), or ``auto`` (``kl`` for
+            ``kd``, ``loss`` for ``kd+ce``, ``ppl`` for ``ce``). A ``kd+ce`` run scored by
+            KL alone once exported its step 8 over its final step 16 for 0.0008 nats of KL
+            while the final one's perplexity was 5% lower on both domains (the main job,
+            session 17), hence ``loss`` there. Either way the divergence guard vets the
             held-out perplexity.
         on_divergence: ``stop`` (raise, naming the step and the first bad layer) or
             ``rollback`` (reload the last good checkpoint, halve the lr, continue).
@@ -318,10 +323,15 @@ class TrainConfig:
 
     @property
     def score_by(self) -> str:
-        """What scores a checkpoint: ``"kl"`` or ``"ppl"`` (``run.best_by`` with ``auto`` resolved)."""
+        """What scores a checkpoint: ``"kl"``, ``"ppl"`` or ``"loss"`` (``run.best_by`` with ``auto`` resolved)."""
         if self.run.best_by == "auto":
-            return "ppl" if self.optim.loss == "ce" else "kl"
+            return {"ce": "ppl", "kd": "kl", "kd+ce": "loss"}[self.optim.loss]
         return self.run.best_by
+
+    @property
+    def scores_kl(self) -> bool:
+        """Whether a checkpoint's score needs the held-out KL from the float model."""
+        return self.score_by == "kl" or (self.score_by == "loss" and self.optim.loss != "ce")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-ready)."""

@@ -55,7 +55,7 @@ from edkm.train.checkpoint import (
 )
 from edkm.train.config import TrainConfig
 from edkm.train.data import data_order, load_inputs
-from edkm.train.domains import domain_report
+from edkm.train.domains import HELDOUT, domain_report
 from edkm.train.guard import DivergenceError, DivergenceGuard
 from edkm.train.lock import RunLock
 from edkm.train.resume import SCHEDULE_KEYS
@@ -69,6 +69,7 @@ from edkm.train.steps import (
     evaluate,
     export_model,
     float_side,
+    heldout_score,
     heldout_scores,
     prepare_model,
     resume_point,
@@ -149,7 +150,7 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
     topk, heldout_logits = None, None
     if config.optim.kd_topk:  # the float model's top-k logits to disk now; it is not kept for the loss
         topk = teacher_topk(model, windows.train, order, config, out, acc)
-        if teacher is None and config.score_by == "kl":
+        if teacher is None and config.scores_kl:
             heldout_logits = heldout_reference(model, heldout, domains)
     importance = calibrate(model, windows.train, config, acc.device)
     # the compensated weights of a resumed run are in its checkpoint
@@ -205,7 +206,7 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         ppl = score = math.nan
         reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
-            ppl, kl, score = _heldout(run)
+            ppl, kl, score = _heldout(run, ts.step)
             row["heldout_ppl"] = ppl
             if kl is not None:
                 row["heldout_kl"] = kl
@@ -237,15 +238,18 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
     return ts, metrics, (ppl, score)
 
 
-def _heldout(run: Run) -> tuple[float, float | None, float]:
-    """``(perplexity, KL or None, score)`` of the current weights on the held-out windows;
-    the score is the one of ``run.best_by`` (every rank under FSDP2; rank 0's numbers)."""
-    by = run.config.score_by
-    ppl, kl = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc, by == "kl",
-                             run.heldout_logits)
-    if run.config.optim.fsdp:
+def _heldout(run: Run, step: int) -> tuple[float, float | None, float]:
+    """``(perplexity, KL or None, score)`` of the current weights (those of ``step``) on the
+    held-out windows; the score is the one of ``run.best_by`` (every rank under FSDP2; rank
+    0's numbers)."""
+    config = run.config
+    ppl, kl, fid = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc,
+                                  config.scores_kl, run.heldout_logits)
+    if config.optim.fsdp:
         ppl, kl = from_rank0((ppl, kl))
-    return ppl, kl, kl if by == "kl" else ppl
+    else:  # the final report reuses it when these weights are exported (rank 0's own numbers under FSDP2: not kept)
+        run.heldout_fidelity = (step, fid)
+    return ppl, kl, heldout_score(config, ppl, kl)
 
 
 def _curve_point(run: Run) -> dict[str, dict[str, float]]:
@@ -263,14 +267,17 @@ def _finish(run: Run, ts: TrainState, ppl_before: float, last: tuple[float, floa
     model = acc.unwrap_model(run.model)
     ppl_after, score = last
     if math.isnan(ppl_after):  # no step ran here (resumed at max_steps): score the final weights
-        ppl_after, _, score = _heldout(run)
+        ppl_after, _, score = _heldout(run, ts.step)
     log.info("perplexity after clustering (hard LUT weights): %.3f", ppl_after)
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
     if config.run.export and (acc.is_main_process or config.optim.fsdp):
         result.export_step = _load_best(run, model, ts.step, score)
     if _scores_here(run):  # the exported (best) weights when exporting, else the final ones
+        # The last step's held-out pass scored these very weights when they are the final ones.
+        step, fid = run.heldout_fidelity
+        same = result.export_step in (None, ts.step) and step == ts.step and fid is not None
         with acc.autocast():
-            result.domains = domain_report(model, run.teacher, run.domains)
+            result.domains = domain_report(model, run.teacher, run.domains, known={HELDOUT: fid} if same else None)
     if config.run.export and config.optim.fsdp:  # gathered to rank 0, exported there
         result.export_path = out / "model.edkm.safetensors"
         result.sizes = fsdp.export(model, config, result.export_path)

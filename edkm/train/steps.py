@@ -9,7 +9,7 @@
     train_step     one optimizer step over ``grad_accum`` micro-batches (loss of
                    ``optim.loss``: `step_loss`), with its metrics
     evaluate       held-out perplexity (hard LUT weights)
-    heldout_scores held-out perplexity and KL from the teacher (``run.best_by=kl``)
+    heldout_scores held-out perplexity and KL from the teacher (``run.best_by=kl`` / ``loss``)
     export_model   `edkm.finalize` and the packed export
 
 Each takes what it needs explicitly; none keeps state between calls. `Run` bundles the
@@ -62,6 +62,7 @@ class Run:
         topk: ``optim.kd_topk``'s stored teacher logits (`edkm.train.topk.TopKTeacher`).
         heldout_logits: The float model's logits on ``heldout`` for the checkpoints' KL
             when no teacher is resident (`edkm.train.topk.heldout_reference`).
+        heldout_fidelity: ``(step, Fidelity or None)`` of the last held-out pass (one process).
     """
 
     config: TrainConfig
@@ -77,6 +78,7 @@ class Run:
     domains: list = field(default_factory=list)
     topk: Any = None
     heldout_logits: torch.Tensor | None = None
+    heldout_fidelity: tuple[int, Any] = (-1, None)
 
 
 def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
@@ -320,27 +322,42 @@ def evaluate(model: torch.nn.Module, heldout: torch.Tensor, acc: Any) -> float:
 
 
 def heldout_scores(model: torch.nn.Module, teacher: torch.nn.Module | None, heldout: torch.Tensor, acc: Any,
-                   with_kl: bool, teacher_logits: torch.Tensor | None = None) -> tuple[float, float | None]:
+                   with_kl: bool, teacher_logits: torch.Tensor | None = None) -> tuple[float, float | None, Any]:
     """Held-out perplexity of ``model`` and, with ``with_kl``, its mean per-token
     KL(teacher || model) on the same predictions (one pass of each model; eval mode;
     the teacher's stored ``teacher_logits`` on ``heldout`` instead of ``teacher`` if given).
 
     Returns:
-        ``(ppl, kl)``: ``kl`` None without ``with_kl``; ``ppl`` inf when the mean loss is too
-        large for ``exp``.
+        ``(ppl, kl, fidelity)``: ``kl`` None without ``with_kl``; ``ppl`` inf when the mean
+        loss is too large for ``exp``; ``fidelity`` the whole `edkm.evaluate.Fidelity` of
+        the KL pass (top-1 agreement too: the final report reuses it), else None.
     """
     from edkm.evaluate import fidelity, perplexity
 
     try:
         with acc.autocast():
             if not with_kl:
-                return perplexity(model, heldout.to(acc.device), batch_size=4), None
+                return perplexity(model, heldout.to(acc.device), batch_size=4), None, None
             f = fidelity(model, None if teacher_logits is not None else teacher, heldout.to(acc.device), batch_size=4,
                          cached_teacher_logits=teacher_logits)
     except OverflowError:
         log.warning("held-out perplexity overflows (mean loss > 709): reported as inf")
-        return float("inf"), float("inf") if with_kl else None
-    return f.perplexity, f.kl
+        return float("inf"), float("inf") if with_kl else None, None
+    return f.perplexity, f.kl, f
+
+
+def heldout_score(config: TrainConfig, ppl: float, kl: float | None) -> float:
+    """A checkpoint's score of kind ``config.score_by`` from its held-out perplexity and KL
+    (`heldout_scores`): the perplexity, the KL, or for ``loss`` the held-out training
+    objective (KL for ``kd``, log perplexity for ``ce``, KL + ``optim.ce_weight`` x log
+    perplexity for ``kd+ce``). Lower is better; inf stays inf."""
+    by, loss = config.score_by, config.optim.loss
+    if by == "ppl":
+        return ppl
+    if by == "kl" or loss == "kd":
+        return kl
+    nll = math.log(ppl)
+    return nll if loss == "ce" else kl + config.optim.ce_weight * nll
 
 
 def export_model(model: torch.nn.Module, path: Path) -> dict[str, int]:

@@ -42,6 +42,34 @@ def test_the_run_reports_both_domains_with_all_four_metrics(tmp_path, loss):
     assert "wiki" in summary["domains"]["wiki"]["source"] and "CC BY-SA 4.0" in summary["domains"]["wiki"]["source"]
 
 
+@pytest.mark.parametrize("last_is_best", [True, False])
+def test_the_report_reuses_the_last_heldout_pass_only_for_the_weights_it_scored(tmp_path, monkeypatch, last_is_best):
+    import edkm.train.domains as domains
+    import edkm.train.loop as loop
+
+    calls = []
+
+    def counted(student, teacher, windows, *args, **kwargs):
+        calls.append(windows.shape[0])
+        return fidelity(student, teacher, windows, *args, **kwargs)
+
+    monkeypatch.setattr(domains, "fidelity", counted)
+    # scripted checkpoint scores: step 2 best, or step 1 best (its weights are exported and scored afresh)
+    scores = iter([2.0, 1.0] if last_is_best else [1.0, 2.0])
+    monkeypatch.setattr(loop, "heldout_score", lambda config, ppl, kl: next(scores))
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", *FAST, "optim.loss=kd", "optim.lr=3e-4",
+                             "run.save_every=1", "data.eval_domains=[heldout]"])
+    result = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    after = result.domains["heldout"]["after"]
+    if last_is_best:
+        assert result.export_step == 2 and calls == []  # step 2's held-out pass is the report's
+        assert (after["perplexity"], after["kl"]) == (rows[-1]["heldout_ppl"], rows[-1]["heldout_kl"])
+    else:
+        assert result.export_step == 1 and calls == [2]  # step 1's weights scored again
+        assert (after["perplexity"], after["kl"]) == (rows[0]["heldout_ppl"], rows[0]["heldout_kl"])
+
+
 def test_domains_every_writes_the_fidelity_curve_without_changing_the_run(tmp_path):
     base = [*FAST, "optim.max_steps=3", "run.export=false", "run.log_every=2"]
     plain = train(load_config(TINY, [f"run.output_dir={tmp_path / 'plain'}", *base]))

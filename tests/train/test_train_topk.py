@@ -4,6 +4,7 @@ no teacher for the loss, resumes on the same store, and refuses bad values."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_first_step_loss_is_the_top_k_kl_of_the_float_model_on_that_batch(tmp_pa
     assert 0 < row["loss"] <= full  # pooling the tail can only lose KL
 
 
-def test_top_k_run_keeps_no_teacher_trains_scores_by_kl_and_resumes_on_the_same_store(tmp_path):
+def test_top_k_run_keeps_no_teacher_trains_scores_by_its_kl_and_resumes_on_the_same_store(tmp_path):
     over = ["optim.loss=kd+ce", "optim.kd_topk=16", "optim.max_steps=4", "run.save_every=2", "optim.lr=3e-3"]
     cfg = _cfg(tmp_path / "ref", *over)
     model, _, _ = load_inputs(cfg)
@@ -67,7 +68,11 @@ def test_top_k_run_keeps_no_teacher_trains_scores_by_kl_and_resumes_on_the_same_
     ref = train(cfg)
     assert ref.steps == 4 and ref.metrics[-1]["loss"] < ref.metrics[0]["loss"]
     manifest = json.loads((latest_checkpoint(tmp_path / "ref") / "manifest.json").read_text())
-    assert manifest["score_by"] == "kl" and manifest["score"] > 0, manifest  # from the kept float logits
+    # kd+ce: scored by the held-out objective, its KL from the kept float logits
+    rows = {r["step"]: r for r in ref.metrics}
+    kl, ppl = rows[4]["heldout_kl"], rows[4]["heldout_ppl"]
+    assert manifest["score_by"] == "loss" and kl > 0, manifest
+    assert manifest["score"] == pytest.approx(kl + math.log(ppl), rel=1e-12)
     order = data_order(64, cfg.run.seed)  # data.max_train_windows: every window the 4 steps drew is stored, no other
     (store,) = (tmp_path / "ref" / "teacher_topk").iterdir()
     stored = json.loads((store / "manifest.json").read_text())
