@@ -151,8 +151,8 @@ def domain_report(student: torch.nn.Module, teacher: torch.nn.Module | None, dom
     report = {}
     known = known or {}
     for dom in domains:
-        fid = known.get(dom.name) or fidelity(student, teacher if dom.logits is None else None, dom.windows,
-                                              batch_size, cached_teacher_logits=dom.logits)
+        fid = known[dom.name] if dom.name in known else fidelity(
+            student, teacher if dom.logits is None else None, dom.windows, batch_size, cached_teacher_logits=dom.logits)
         report[dom.name] = {"source": dom.source, "tokens": dom.windows.numel(),
                             "before": {"perplexity": dom.float_ppl, "ppl_ratio": 1.0, "kl": 0.0,
                                        "top1_agreement": 1.0},

@@ -188,25 +188,25 @@ def _start(config: TrainConfig, acc: Any, out: Path, resume: bool) -> tuple[Run,
 
 
 def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step: Callable | None,
-           stop_after: int | None) -> tuple[TrainState, list[dict[str, Any]], tuple[float, float]]:
+           stop_after: int | None) -> tuple[TrainState, list[dict[str, Any]], tuple[float, float, Any]]:
     """Optimizer steps until ``max_steps`` (or ``stop_after`` in this process): guard,
     evaluate, log, checkpoint. Returns the counters, the logged rows and the last step's
-    ``(held-out ppl, score)`` (nan when it was not evaluated)."""
+    ``(held-out ppl, score, Fidelity or None)`` (nan / None when it was not evaluated)."""
     config, acc, out = run.config, run.acc, run.out
     by = config.score_by
     best = _best_score(out, by)  # inf for a fresh run: _start forgot an earlier run's best
     metrics: list[dict[str, Any]] = []
-    done_here, ppl, score = 0, math.nan, math.nan
+    done_here, ppl, score, fid = 0, math.nan, math.nan, None
     run.model.train()
     while ts.step < config.optim.max_steps:
         row, norm, bad_grad = train_step(run, ts)
         done_here += 1
         last = ts.step == config.optim.max_steps or (stop_after is not None and done_here >= stop_after)
         save = bool(config.run.save_every and ts.step % config.run.save_every == 0) or last
-        ppl = score = math.nan
+        ppl, score, fid = math.nan, math.nan, None
         reason = guard.check(row["loss"], norm, acc.unwrap_model(run.model), bad_grad)
         if reason is None and (save or (config.run.eval_every and ts.step % config.run.eval_every == 0)):
-            ppl, kl, score = _heldout(run, ts.step)
+            ppl, kl, score, fid = _heldout(run)
             row["heldout_ppl"] = ppl
             if kl is not None:
                 row["heldout_kl"] = kl
@@ -235,21 +235,20 @@ def _steps(run: Run, ts: TrainState, guard: DivergenceGuard, meta: dict, on_step
         acc.wait_for_everyone()
         if last:
             break
-    return ts, metrics, (ppl, score)
+    return ts, metrics, (ppl, score, fid)
 
 
-def _heldout(run: Run, step: int) -> tuple[float, float | None, float]:
-    """``(perplexity, KL or None, score)`` of the current weights (those of ``step``) on the
+def _heldout(run: Run) -> tuple[float, float | None, float, Any]:
+    """``(perplexity, KL or None, score, Fidelity or None)`` of the current weights on the
     held-out windows; the score is the one of ``run.best_by`` (every rank under FSDP2; rank
-    0's numbers)."""
+    0's numbers). The `edkm.evaluate.Fidelity` of the KL pass is for the final report to
+    reuse; None under FSDP2, where it holds only this rank's numbers."""
     config = run.config
     ppl, kl, fid = heldout_scores(run.acc.unwrap_model(run.model), run.teacher, run.heldout, run.acc,
                                   config.scores_kl, run.heldout_logits)
     if config.optim.fsdp:
-        ppl, kl = from_rank0((ppl, kl))
-    else:  # the final report reuses it when these weights are exported (rank 0's own numbers under FSDP2: not kept)
-        run.heldout_fidelity = (step, fid)
-    return ppl, kl, heldout_score(config, ppl, kl)
+        ppl, kl, fid = *from_rank0((ppl, kl)), None
+    return ppl, kl, heldout_score(config, ppl, kl), fid
 
 
 def _curve_point(run: Run) -> dict[str, dict[str, float]]:
@@ -261,21 +260,20 @@ def _curve_point(run: Run) -> dict[str, dict[str, float]]:
     return {name: {k: r["after"][k] for k in keys} for name, r in report.items()}
 
 
-def _finish(run: Run, ts: TrainState, ppl_before: float, last: tuple[float, float], metrics: list) -> TrainResult:
+def _finish(run: Run, ts: TrainState, ppl_before: float, last: tuple[float, float, Any], metrics: list) -> TrainResult:
     """Perplexity after (the last step's), export of the best checkpoint, summary."""
     config, acc, out = run.config, run.acc, run.out
     model = acc.unwrap_model(run.model)
-    ppl_after, score = last
+    ppl_after, score, fid = last
     if math.isnan(ppl_after):  # no step ran here (resumed at max_steps): score the final weights
-        ppl_after, _, score = _heldout(run, ts.step)
+        ppl_after, _, score, fid = _heldout(run)
     log.info("perplexity after clustering (hard LUT weights): %.3f", ppl_after)
     result = TrainResult(ppl_before, ppl_after, ts.step, out, metrics=metrics, rollbacks=ts.rollbacks)
     if config.run.export and (acc.is_main_process or config.optim.fsdp):
         result.export_step = _load_best(run, model, ts.step, score)
     if _scores_here(run):  # the exported (best) weights when exporting, else the final ones
         # The last step's held-out pass scored these very weights when they are the final ones.
-        step, fid = run.heldout_fidelity
-        same = result.export_step in (None, ts.step) and step == ts.step and fid is not None
+        same = result.export_step in (None, ts.step) and fid is not None
         with acc.autocast():
             result.domains = domain_report(model, run.teacher, run.domains, known={HELDOUT: fid} if same else None)
     if config.run.export and config.optim.fsdp:  # gathered to rank 0, exported there

@@ -62,7 +62,6 @@ class Run:
         topk: ``optim.kd_topk``'s stored teacher logits (`edkm.train.topk.TopKTeacher`).
         heldout_logits: The float model's logits on ``heldout`` for the checkpoints' KL
             when no teacher is resident (`edkm.train.topk.heldout_reference`).
-        heldout_fidelity: ``(step, Fidelity or None)`` of the last held-out pass (one process).
     """
 
     config: TrainConfig
@@ -78,7 +77,6 @@ class Run:
     domains: list = field(default_factory=list)
     topk: Any = None
     heldout_logits: torch.Tensor | None = None
-    heldout_fidelity: tuple[int, Any] = (-1, None)
 
 
 def resume_point(out: Path, config: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any], dict]:
