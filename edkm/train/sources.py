@@ -69,7 +69,8 @@ def sample_from_teacher(model: torch.nn.Module, tokenizer: Any, n_windows: int, 
         model: The float model. tokenizer: Its tokenizer.
         n_windows: How many windows.
         config: The run's config: ``data.seq_len`` tokens per window, ``data.teacher_batch``
-            windows per batch, ``data.teacher_cache_dir``, seed ``run.seed``.
+            windows per batch, ``data.teacher_temperature`` / ``teacher_top_k``,
+            ``data.teacher_cache_dir``, seed ``run.seed``.
         device: Where to sample. progress: Show a tqdm bar.
     Returns:
         (n_windows, seq_len) int64 token ids on the CPU.
@@ -80,5 +81,6 @@ def sample_from_teacher(model: torch.nn.Module, tokenizer: Any, n_windows: int, 
     bos = getattr(tokenizer, "bos_token_id", None)
     special = [int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])]
     return sample_teacher_windows(model, n_windows, d.seq_len, batch_size=min(d.teacher_batch, n_windows),
+                                  temperature=float(d.teacher_temperature), top_k=d.teacher_top_k or None,
                                   seed=config.run.seed, prefix_ids=[] if bos is None else [int(bos)],
                                   exclude_ids=special, cache_dir=d.teacher_cache_dir or None, progress=progress)

@@ -47,9 +47,20 @@ def test_teacher_source_is_the_float_models_samples_and_the_cache_is_reused(tmp_
                                   cache_dir=tmp_path / "other-cache")
     assert torch.equal(training_windows(batched, model, tok, windows).train, want)
     monkeypatch.setattr(teacher_text, "_sample_batch", no_sampling)
-    other = _cfg(tmp_path, "data.source=teacher", "run.seed=1")  # other settings: another cache entry
-    with pytest.raises(AssertionError, match="sampled again"):
-        training_windows(other, model, tok, windows)
+    for over in ("run.seed=1", "data.teacher_temperature=0.7", "data.teacher_top_k=20"):  # another cache entry
+        with pytest.raises(AssertionError, match="sampled again"):
+            training_windows(_cfg(tmp_path, "data.source=teacher", over), model, tok, windows)
+
+
+def test_teacher_temperature_and_top_k_reach_the_sampler(tmp_path):
+    cfg = _cfg(tmp_path, "data.source=teacher", "data.teacher_temperature=0.5", "data.teacher_top_k=3")
+    model, tok, windows = load_inputs(cfg)
+    got = training_windows(cfg, model, tok, windows).train
+    want = sample_teacher_windows(model, 6, cfg.data.seq_len, batch_size=6, seed=cfg.run.seed, temperature=0.5,
+                                  top_k=3, cache_dir=tmp_path / "other-cache")
+    default = sample_teacher_windows(model, 6, cfg.data.seq_len, batch_size=6, seed=cfg.run.seed,
+                                     cache_dir=tmp_path / "other-cache")
+    assert torch.equal(got, want) and not torch.equal(got, default)
 
 
 def test_mix_is_half_corpus_half_teacher_and_corpus_is_unchanged(tmp_path):

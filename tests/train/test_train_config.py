@@ -74,6 +74,9 @@ def test_unknown_keys_and_sections_and_round_trip():
     ("data.compensate_text=wiki", "data.compensate_text must be one of ('teacher', 'train'), got 'wiki'"),
     ("data.compensate_damp=-0.5", "data.compensate_damp must be a finite number >= 0, got -0.5"),
     ("data.compensate_damp=inf", "data.compensate_damp must be a finite number >= 0, got inf"),
+    ("data.teacher_temperature=0", "data.teacher_temperature must be a finite number > 0, got 0"),
+    ("data.teacher_temperature=nan", "data.teacher_temperature must be a finite number > 0, got nan"),
+    ("data.teacher_top_k=-1", "data.teacher_top_k must be an integer >= 0, got -1"),
 ])
 def test_run_and_guard_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
