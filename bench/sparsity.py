@@ -9,6 +9,8 @@ table of distinct values and looks at the final map ``a = softmax(-(v - C_{T-1})
     nonzero_per_row mean number of centroids a row puts mass on
     window          the fewest consecutive centroids, in sorted order, that hold every
                     non-zero entry of a row; max over the rows of a layer (``window_max``)
+    K               centroids per LUT (each layer's own: ``dkm.layers`` may give some layers
+                    other bits; the largest of a row's layers)
 
 For scalar LUTs the logit ``-(v - c)^2 / tau`` is concave in ``c``, so a row's non-zero
 entries are always consecutive in sorted centroid order: a pass that visits ``window_max``
@@ -90,24 +92,25 @@ def measure(config) -> list[dict]:
     n_imp = config.data.importance_windows
     importance = fisher_importance(model, windows.train[:n_imp], config.dkm) if n_imp else None
     prepare(model, config.dkm, importance=importance)
-    kinds: dict[str, dict[str, list]] = defaultdict(lambda: {"nonzero": [], "window": [], "layers": []})
-    K = config.dkm.n_clusters
+    kinds: dict[str, dict[str, list]] = defaultdict(lambda: {"nonzero": [], "window": [], "layers": [], "K": []})
     with torch.no_grad():
         for name, module, p in clustered_layers(model):
             points = p.points(module.parametrizations.weight.original)
             table, _, mass = _build(TORCH_OPS, points, p._importance())  # as the forward builds and weighs it
             c_hist, _ = passes.table_iterate(table.values, mass, p.centroids, p.tau, config.dkm.max_iters)
             stats = map_stats(table.values, table.counts, c_hist[:, -2], p.tau)
+            K = p.centroids.shape[1]  # the layer's own (dkm.layers may give it other bits)
             for kind in (layer_kind(name), "all"):
                 kinds[kind]["nonzero"].append(stats["nonzero"])
                 kinds[kind]["window"].append(stats["window"])
                 kinds[kind]["layers"].append(name)
+                kinds[kind]["K"].append(torch.full_like(stats["nonzero"], K))
     rows = []
     for kind, s in sorted(kinds.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-        nz, win = torch.cat(s["nonzero"]).double(), torch.cat(s["window"]).double()
+        nz, win, K = (torch.cat(s[key]).double() for key in ("nonzero", "window", "K"))
         rows.append({"layer": kind, "layers": len(s["layers"]), "rows": int(nz.numel()),
-                     "zero_fraction": float(1 - nz.mean() / K), "nonzero_per_row": float(nz.mean()),
-                     "window_mean": float(win.mean()), "window_max": int(win.max()), "K": K})
+                     "zero_fraction": float(1 - nz.sum() / K.sum()), "nonzero_per_row": float(nz.mean()),
+                     "window_mean": float(win.mean()), "window_max": int(win.max()), "K": int(K.max())})
     return rows
 
 

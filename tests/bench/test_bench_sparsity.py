@@ -51,6 +51,13 @@ def test_script_quick(tmp_path):
     assert kinds[-1] == "all" and {"q_proj", "down_proj"} <= set(kinds)
     total = rows[-1]
     assert total["rows"] == sum(r["rows"] for r in rows[:-1]) and total["layers"] == 14
+    # the main preset: k_proj / v_proj at 5 bits (dkm.layers), the rest at 4
+    assert {r["layer"]: r["K"] for r in rows} == {**{r["layer"]: 16 for r in rows}, "k_proj": 32, "v_proj": 32,
+                                                  "all": 32}
     for r in rows:
-        assert 0 <= r["zero_fraction"] < 1 and 1 <= r["window_mean"] <= r["window_max"] <= r["K"] == 16
+        assert 0 <= r["zero_fraction"] < 1 and 1 <= r["window_mean"] <= r["window_max"] <= r["K"]
+    for r in rows[:-1]:  # one K per layer kind
         assert abs(r["nonzero_per_row"] - r["K"] * (1 - r["zero_fraction"])) < 1e-9
+    entries = sum(r["rows"] * r["K"] for r in rows[:-1])  # 'all': zeros over every layer's own entries
+    nonzero = sum(r["rows"] * r["nonzero_per_row"] for r in rows[:-1])
+    assert abs(total["zero_fraction"] - (1 - nonzero / entries)) < 1e-9
