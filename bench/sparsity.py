@@ -92,7 +92,7 @@ def measure(config) -> list[dict]:
     n_imp = config.data.importance_windows
     importance = fisher_importance(model, windows.train[:n_imp], config.dkm) if n_imp else None
     prepare(model, config.dkm, importance=importance)
-    kinds: dict[str, dict[str, list]] = defaultdict(lambda: {"nonzero": [], "window": [], "layers": [], "K": []})
+    kinds: dict[str, dict] = defaultdict(lambda: {"nonzero": [], "window": [], "layers": [], "entries": 0, "K": 0})
     with torch.no_grad():
         for name, module, p in clustered_layers(model):
             points = p.points(module.parametrizations.weight.original)
@@ -104,13 +104,14 @@ def measure(config) -> list[dict]:
                 kinds[kind]["nonzero"].append(stats["nonzero"])
                 kinds[kind]["window"].append(stats["window"])
                 kinds[kind]["layers"].append(name)
-                kinds[kind]["K"].append(torch.full_like(stats["nonzero"], K))
+                kinds[kind]["entries"] += stats["nonzero"].numel() * K  # map entries of this layer's rows
+                kinds[kind]["K"] = max(kinds[kind]["K"], K)
     rows = []
     for kind, s in sorted(kinds.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-        nz, win, K = (torch.cat(s[key]).double() for key in ("nonzero", "window", "K"))
+        nz, win = torch.cat(s["nonzero"]).double(), torch.cat(s["window"]).double()
         rows.append({"layer": kind, "layers": len(s["layers"]), "rows": int(nz.numel()),
-                     "zero_fraction": float(1 - nz.sum() / K.sum()), "nonzero_per_row": float(nz.mean()),
-                     "window_mean": float(win.mean()), "window_max": int(win.max()), "K": int(K.max())})
+                     "zero_fraction": float(1 - nz.sum() / s["entries"]), "nonzero_per_row": float(nz.mean()),
+                     "window_mean": float(win.mean()), "window_max": int(win.max()), "K": s["K"]})
     return rows
 
 
