@@ -85,8 +85,9 @@ class DataConfig:
             weights; 0 = off (nearest-centroid rounding). Not redone on ``--resume`` (the
             checkpoint holds the weights).
         compensate_text: Where those windows come from: ``teacher`` (sampled from the float
-            model with the run's seed and cache, as ``source: teacher``) or ``train`` (the
-            first training windows). Calibrating on the fine-tune corpus fits that corpus
+            model with the run's seed and cache, as ``source: teacher``; when the run
+            samples at least as many training windows, the first of those, sampled once)
+            or ``train`` (the first training windows). Calibrating on the fine-tune corpus fits that corpus
             (see `edkm.compensate`).
         compensate_damp: Diagonal damping of the Hessians, a fraction of their mean diagonal.
         source: What the model trains on: ``corpus`` (windows of ``corpus``), ``teacher``

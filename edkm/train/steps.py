@@ -196,7 +196,13 @@ def calibrate(model: torch.nn.Module, train_windows: torch.Tensor, config: Train
 def calibration_hessians(model: torch.nn.Module, tokenizer: Any, train_windows: torch.Tensor, config: TrainConfig,
                          device: torch.device) -> dict[str, torch.Tensor] | None:
     """Input Hessians of ``data.compensate_windows`` windows of ``data.compensate_text``
-    (`edkm.compensate.input_hessians` of the float model), or None when off."""
+    (`edkm.compensate.input_hessians` of the float model), or None when off.
+
+    Teacher text: when the run trains on sampled text too (``data.source`` teacher / mix)
+    and samples at least as many windows, the Hessians take the first ones of that draw
+    (one cache entry, nothing sampled twice); else a draw of their own. The two are the
+    same windows when ``data.compensate_windows`` is a multiple of ``data.teacher_batch``
+    (a batch's tokens depend on the seed and its index only)."""
     d = config.data
     n = d.compensate_windows
     if not n:
@@ -204,7 +210,8 @@ def calibration_hessians(model: torch.nn.Module, tokenizer: Any, train_windows: 
     if d.compensate_text == "teacher":
         from edkm.train.sources import sample_from_teacher
 
-        text = sample_from_teacher(model, tokenizer, n, config, device, progress=log.isEnabledFor(logging.INFO))
+        pool = d.teacher_windows if d.source != "corpus" and d.teacher_windows >= n else n
+        text = sample_from_teacher(model, tokenizer, pool, config, device, progress=log.isEnabledFor(logging.INFO))[:n]
     else:
         if n > train_windows.shape[0]:
             raise ValueError(f"data.compensate_windows={n} but only {train_windows.shape[0]} training windows exist")

@@ -84,3 +84,25 @@ def test_a_teacher_run_trains_on_sampled_text_and_logs_the_token_count(tmp_path,
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.metrics)
     assert "teacher text: 6 windows x 64 tokens = 384 tokens" in caplog.text
     assert "data.source=teacher: 6 training windows (384 tokens), 6 of them sampled from the float model" in caplog.text
+
+
+def test_compensation_takes_the_runs_own_teacher_windows_without_sampling_again(tmp_path, monkeypatch):
+    import edkm.train.steps as steps
+
+    seen = []
+    monkeypatch.setattr(steps, "input_hessians", lambda model, text, dkm: seen.append(text) or {})
+    mix = _cfg(tmp_path, "data.source=mix", "data.teacher_batch=2", "data.compensate_windows=4")
+    model, tok, windows = load_inputs(mix)
+    teacher = training_windows(mix, model, tok, windows).train[6:]  # the run's 6 sampled windows (3 batches)
+    monkeypatch.setattr(teacher_text, "_sample_batch", lambda *a, **k: pytest.fail("sampled again"))
+    steps.calibration_hessians(model, tok, windows.train, mix, torch.device("cpu"))
+    assert torch.equal(seen[-1], teacher[:4])
+    monkeypatch.undo()
+    # A draw of its own when the run samples fewer windows (or none): the same text, batch for batch.
+    monkeypatch.setattr(steps, "input_hessians", lambda model, text, dkm: seen.append(text) or {})
+    for over in (["data.compensate_windows=4"], ["data.source=teacher", "data.teacher_windows=2",
+                                                 "data.compensate_windows=4"]):
+        steps.calibration_hessians(model, tok, windows.train, _cfg(tmp_path, "data.teacher_batch=2", *over),
+                                   torch.device("cpu"))
+        assert torch.equal(seen[-1], teacher[:4])
+    assert len(list((tmp_path / "cache").glob("teacher-text-*"))) == 2  # the run's 6 windows; 4 of their own (both)
