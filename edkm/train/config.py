@@ -136,9 +136,7 @@ class DataConfig:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         _positive("data.teacher_windows", self.teacher_windows)
         _positive("data.teacher_batch", self.teacher_batch)
-        temp = self.teacher_temperature
-        if isinstance(temp, bool) or not (isinstance(temp, (int, float)) and 0 < temp < float("inf")):
-            raise ValueError(f"data.teacher_temperature must be a finite number > 0, got {temp!r}")
+        _finite("data.teacher_temperature", self.teacher_temperature)
         _positive("data.teacher_top_k", self.teacher_top_k, minimum=0)
         domains = (self.eval_domains,) if isinstance(self.eval_domains, str) else tuple(self.eval_domains)
         if not domains or not all(isinstance(d, str) and d for d in domains) or len(set(domains)) != len(domains):
@@ -152,9 +150,7 @@ class DataConfig:
         _positive("data.compensate_windows", self.compensate_windows, minimum=0)
         if self.compensate_text not in COMPENSATE_TEXTS:
             raise ValueError(f"data.compensate_text must be one of {COMPENSATE_TEXTS}, got {self.compensate_text!r}")
-        damp = self.compensate_damp
-        if isinstance(damp, bool) or not (isinstance(damp, (int, float)) and 0 <= damp < float("inf")):
-            raise ValueError(f"data.compensate_damp must be a finite number >= 0, got {self.compensate_damp!r}")
+        _finite("data.compensate_damp", self.compensate_damp, inclusive=True)
 
 
 @dataclass(frozen=True)
@@ -218,12 +214,10 @@ class OptimConfig:
         object.__setattr__(self, "freeze", freeze)
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
-            raise ValueError(f"optim.kd_temperature must be > 0, got {self.kd_temperature!r}")
-        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
-            raise ValueError(f"optim.ce_weight must be >= 0, got {self.ce_weight!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        for name in ("kd_temperature", "lr"):
+            _finite(f"optim.{name}", getattr(self, name))
+        for name in ("ce_weight", "weight_decay", "grad_clip"):  # NaN here would train silently on NaN
+            _finite(f"optim.{name}", getattr(self, name), inclusive=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
@@ -233,10 +227,8 @@ class OptimConfig:
         if self.kd_topk and self.loss == "ce":
             raise ValueError(f"optim.kd_topk={self.kd_topk} distils from stored teacher logits, which optim.loss=ce "
                              "does not use; set optim.loss=kd or kd+ce, or optim.kd_topk=0")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"optim.weight_decay/grad_clip must be >= 0, got {self.weight_decay!r}/{self.grad_clip!r}")
-        if self.tau_start is not None and not (math.isfinite(self.tau_start) and self.tau_start > 0):
-            raise ValueError(f"optim.tau_start must be > 0 or null, got {self.tau_start!r}")
+        if self.tau_start is not None:
+            _finite("optim.tau_start", self.tau_start, also="or null")
 
 
 @dataclass(frozen=True)
@@ -484,6 +476,16 @@ def _coerce(where: str, value: Any, kind: str) -> Any:
                 "tuple[str, ...]": "a string or a list of strings"}[base]
     raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {expected}"
                       + (" or null" if optional else ""))
+
+
+def _finite(name: str, value: Any, inclusive: bool = False, also: str = "") -> None:
+    """Raise ValueError (naming ``name`` and the value) unless ``value`` is a finite
+    number > 0 (``inclusive``: >= 0); ``also`` is appended to the rule (e.g. "or null")."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value >= 0 if inclusive else value > 0))
+    if not ok:
+        rule = f"a finite number {'>=' if inclusive else '>'} 0" + (f" {also}" if also else "")
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:

@@ -77,6 +77,11 @@ def test_unknown_keys_and_sections_and_round_trip():
     ("data.teacher_temperature=0", "data.teacher_temperature must be a finite number > 0, got 0"),
     ("data.teacher_temperature=nan", "data.teacher_temperature must be a finite number > 0, got nan"),
     ("data.teacher_top_k=-1", "data.teacher_top_k must be an integer >= 0, got -1"),
+    ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0, got nan"),
+    ("optim.grad_clip=nan", "optim.grad_clip must be a finite number >= 0, got nan"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be a finite number >= 0, got -1.0"),
+    ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.tau_start=0", "optim.tau_start must be a finite number > 0 or null, got 0.0"),
 ])
 def test_run_and_guard_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -79,8 +79,8 @@ def test_ce_loss_is_the_models_own_lm_loss_bitwise(tmp_path):
 @pytest.mark.parametrize("override, text", [
     ("optim.loss=kl", "optim.loss must be one of ('kd', 'ce', 'kd+ce'), got 'kl'"),
     ("optim.loss=3", "optim.loss = 3 (int): expected a string"),
-    ("optim.kd_temperature=0", "optim.kd_temperature must be > 0, got 0.0"),
-    ("optim.ce_weight=-1", "optim.ce_weight must be >= 0, got -1.0"),
+    ("optim.kd_temperature=0", "optim.kd_temperature must be a finite number > 0, got 0.0"),
+    ("optim.ce_weight=-1", "optim.ce_weight must be a finite number >= 0, got -1.0"),
     ("data.source=web", "data.source must be one of ('corpus', 'teacher', 'mix'), got 'web'"),
     ("data.teacher_windows=0", "data.teacher_windows must be an integer >= 1, got 0"),
     ("data.teacher_batch=0", "data.teacher_batch must be an integer >= 1, got 0"),
