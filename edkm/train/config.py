@@ -87,8 +87,8 @@ class DataConfig:
         compensate_text: Where those windows come from: ``teacher`` (sampled from the float
             model with the run's seed and cache, as ``source: teacher``; when the run
             samples at least as many training windows, the first of those, sampled once)
-            or ``train`` (the first training windows). Calibrating on the fine-tune corpus fits that corpus
-            (see `edkm.compensate`).
+            or ``train`` (the first training windows). Calibrating on the fine-tune corpus
+            fits that corpus (see `edkm.compensate`).
         compensate_damp: Diagonal damping of the Hessians, a fraction of their mean diagonal.
         source: What the model trains on: ``corpus`` (windows of ``corpus``), ``teacher``
             (``teacher_windows`` windows sampled from the float model itself,
