@@ -38,6 +38,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from edkm._checks import check_int, check_number
 from edkm.config import DKMConfig
 from edkm.functional.packing import nearest
 from edkm.layers import DKMWeight, clustered_layers
@@ -69,8 +70,7 @@ def input_hessians(model: nn.Module, windows: Tensor, config: DKMConfig | None =
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be (n >= 1, L) token ids, got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     layers = ([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)] if config is None
               else [(n, m) for n, m in selected_layers(model, config) if isinstance(m, nn.Linear)])
     if not layers:
@@ -202,8 +202,7 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
 
 
 def _check_damp(damp: float) -> None:
-    if not (damp >= 0 and damp == damp and damp != float("inf")):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    check_number("damp", damp, inclusive=True)
 
 
 def _plain_rounding(param: DKMWeight, weight: Tensor) -> Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from edkm._checks import check_int, check_number
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 BACKENDS = ("auto", "torch", "triton", "c")
@@ -145,21 +146,19 @@ class DKMConfig(ConfigDict):
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
-        _check_int("bits", self.bits, 1, 8)
-        _check_int("cluster_dim", self.cluster_dim, 1, 64)
+        check_int("bits", self.bits, 1, 8)
+        check_int("cluster_dim", self.cluster_dim, 1, 64)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        _check_int("group_size", self.group_size, 1, None)
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and self.tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        check_int("group_size", self.group_size, 1, None)
+        check_number("tau", self.tau)
         if self.tau < TAU_MIN:
             raise ValueError(f"tau must be >= {TAU_MIN:.3g} so that squared distance / tau stays finite in fp32 "
                              f"(16-bit weights), got {self.tau!r}")
         if self.tau_mode not in TAU_MODES:
             raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")
-        _check_int("max_iters", self.max_iters, 1, 1000)
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        check_int("max_iters", self.max_iters, 1, 1000)
+        check_number("eps", self.eps, inclusive=True)
         for name in ("uniquify", "shard", "offload", "rebuild", "include_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -172,9 +171,9 @@ class DKMConfig(ConfigDict):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.cluster_dtype not in CLUSTER_DTYPES:
             raise ValueError(f"cluster_dtype must be one of {CLUSTER_DTYPES}, got {self.cluster_dtype!r}")
-        _check_int("min_weight_numel", self.min_weight_numel, 0, None)
-        _check_int("init_iters", self.init_iters, 0, 10_000)
-        _check_int("seed", self.seed, 0, None)
+        check_int("min_weight_numel", self.min_weight_numel, 0, None)
+        check_int("init_iters", self.init_iters, 0, 10_000)
+        check_int("seed", self.seed, 0, None)
         for pattern in self.include + self.exclude:
             if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"include/exclude patterns must be non-empty strings, got {pattern!r}")
@@ -240,12 +239,3 @@ def _layer_entries(value: Any) -> tuple[tuple[str, tuple[tuple[str, Any], ...]],
             raise ValueError(f"layers[{pattern!r}]: key(s) {bad} cannot differ per layer; allowed: {list(LAYER_KEYS)}")
         out.append((pattern, tuple(sorted(items.items()))))
     return tuple(out)
-
-
-def _check_int(name: str, value: Any, lo: int | None, hi: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {bounds}, got {value!r}")
-

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from edkm._checks import check_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,8 +41,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     """
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n >= 1, L >= 2), got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -142,8 +143,7 @@ def fidelity(student: torch.nn.Module, teacher: torch.nn.Module | None, windows:
     """
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n >= 1, L >= 2), got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     if teacher is None and cached_teacher_logits is None:
         raise ValueError("fidelity needs a teacher or cached_teacher_logits")
     if cached_teacher_logits is not None and cached_teacher_logits.shape[:2] != (windows.shape[0], windows.shape[1] - 1):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from edkm._checks import check_int
 from edkm.config import DKMConfig
 from edkm.preparation import selected_layers
 
@@ -47,8 +48,7 @@ def fisher_importance(model: nn.Module, windows: Tensor, config: DKMConfig | Non
     """
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n >= 1, L >= 2) token ids, got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     layers = ([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)] if config is None
               else selected_layers(model, config))
     chosen = {name: m.weight for name, m in layers}

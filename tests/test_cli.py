@@ -31,7 +31,7 @@ def _error_line(err: str) -> str:
 
 def test_usage_errors_exit_2_with_one_line(capsys, tmp_path):
     code, _, err = _run(capsys, "train", "--config", TINY, "dkm.bits=0")
-    assert code == 2 and "bits must be in [1, 8], got 0" in _error_line(err)
+    assert code == 2 and "bits must be an integer in [1, 8], got 0" in _error_line(err)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: [\n")
     code, _, err = _run(capsys, "train", "--config", str(bad))

@@ -57,7 +57,7 @@ def test_layers_round_trip_through_dict_and_yaml_override():
 
 @pytest.mark.parametrize("layers,match", [
     ({"*": {"tau": 1e-3}}, r"\['tau'\] cannot differ per layer"),
-    ({"*.v_proj": {"bits": 9}}, r"layers\['\*.v_proj'\]: bits must be in \[1, 8\], got 9"),
+    ({"*.v_proj": {"bits": 9}}, r"layers\['\*.v_proj'\]: bits must be an integer in \[1, 8\], got 9"),
     ({"*.v_proj": {}}, "non-empty mapping"),
     ({"*.v_proj": 5}, "got 5"),
     ("*.v_proj", "must be a mapping"),

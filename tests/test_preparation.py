@@ -155,8 +155,8 @@ def test_include_exclude_and_min_size():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"bits": 0}, "bits must be in \\[1, 8\\], got 0"),
-        ({"bits": 9}, "bits must be in \\[1, 8\\], got 9"),
+        ({"bits": 0}, "bits must be an integer in \\[1, 8\\], got 0"),
+        ({"bits": 9}, "bits must be an integer in \\[1, 8\\], got 9"),
         ({"granularity": "per_row"}, "per_row"),
         ({"tau": 0.0}, "tau .* got 0.0"),
         ({"max_iters": 0}, "max_iters .* got 0"),

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from edkm._checks import check_int
+
 log = logging.getLogger(__name__)
 
 
@@ -79,8 +81,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, t
     """
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_int("max_new_tokens", max_new_tokens)
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if model.training:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edkm._checks import check_int
 from edkm.layers import LUTEmbedding, LUTLinear
 
 SUPPORTED_LINEARS = "nn.Linear, edkm LUTLinear, or edkm LowRankLinear made of those"
@@ -93,8 +94,7 @@ class StaticLlama(nn.Module):
             raise ValueError(f"Core ML export supports default RoPE only, got {rope!r}")
         if cfg.hidden_act != "silu":
             raise ValueError(f"Core ML export supports SiLU MLPs only, got hidden_act={cfg.hidden_act!r}")
-        if context < 1:
-            raise ValueError(f"context must be >= 1, got {context}")
+        check_int("context", context)
         inner = model.model
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads

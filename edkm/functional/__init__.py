@@ -21,7 +21,6 @@ imported only when that backend is chosen, so ``import edkm`` works without it.
 
 from __future__ import annotations
 
-import math
 import os
 from functools import lru_cache
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from edkm import ckernels
+from edkm._checks import check_int, check_number
 from edkm.config import BACKENDS
 from edkm.functional import packing
 from edkm.functional.autograd import TORCH_OPS, TableOps, dkm_table
@@ -219,12 +219,9 @@ def _check(points: Tensor, centroids: Tensor, tau: float, max_iters: int, eps: f
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match points {tuple(points.shape)}")
     if points.dim() == 3 and centroids.shape[0] != points.shape[0]:
         raise ValueError(f"group count differs: points {tuple(points.shape)}, centroids {tuple(centroids.shape)}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be finite and > 0, got {tau!r}")
-    if int(max_iters) != max_iters or max_iters < 1:
-        raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    check_number("tau", tau)
+    check_int("max_iters", max_iters)
+    check_number("eps", eps, inclusive=True)
     if not torch.isfinite(centroids).all():
         raise ValueError("centroids contain NaN or Inf")
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from edkm._checks import check_int, check_number
 from edkm.hub.models import default_cache_dir
 from edkm.hub.shards import model_fingerprint, open_cache, read_shard, settings_key, shard_path, write_shard
 
@@ -152,10 +153,8 @@ def sample_teacher_windows(
         ValueError: a bad size or setting (names the value).
     """
     for name, value in (("n_windows", n_windows), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_int(name, value)
+    check_number("temperature", temperature)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
     if greedy_tokens < 0:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from edkm._checks import check_int, check_number
 from edkm.hub.shards import MANIFEST, model_fingerprint, open_cache, read_shard, shard_path, write_shard
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,8 @@ def precompute_teacher_topk(
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 1:
         raise ValueError(f"windows must be (n >= 1, L >= 1) token ids, got shape {tuple(windows.shape)}")
     for name, value in (("k", k), ("batch_size", batch_size), ("shard_windows", shard_windows)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_int(name, value)
+    check_number("temperature", temperature)
     vocab = int(teacher.get_output_embeddings().weight.shape[0]) if hasattr(teacher, "get_output_embeddings") else None
     if vocab is not None and k > vocab:
         raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab}")

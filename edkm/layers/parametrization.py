@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from edkm._checks import check_number
 from edkm.config import DKMConfig
 from edkm.functional import check_importance, dkm, kmeans_init
 from edkm.functional.packing import nearest
@@ -103,8 +104,7 @@ class DKMWeight(nn.Module):
     def set_tau_scale(self, scale: float) -> None:
         """Make this layer's tau ``config.tau * scale`` (``scale`` finite and > 0)."""
         scale = float(scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"tau_scale must be a finite number > 0, got {scale!r}")
+        check_number("tau_scale", scale)
         self.tau_scale.fill_(scale)
         self._tau_scale = float(self.tau_scale)  # the fp32 value a checkpoint restores
 

@@ -15,10 +15,9 @@ Ranks come from exactly one of:
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
-from typing import Any
 
+from edkm._checks import check_int, check_number, is_finite_number
 from edkm.config import ConfigDict
 from edkm.lowrank.budget import SENSITIVITIES
 from edkm.lowrank.factor import DEFAULT_DAMPING
@@ -74,24 +73,18 @@ class LowRankConfig(ConfigDict):
             )
         for name in ("rank_reduction", "budget"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0.0 < value < 1.0):
+            if value is not None and not (is_finite_number(value) and 0.0 < value < 1.0):
                 raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
         for name in ("activation_aware", "groups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not (_is_number(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
-            raise ValueError(f"rank_multiple must be an integer >= 1, got {self.rank_multiple!r}")
+        check_number("damping", self.damping, inclusive=True)
+        check_int("rank_multiple", self.rank_multiple)
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is chosen by include/exclude patterns."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return False
         return any(fnmatch.fnmatchcase(name, p) for p in self.include)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

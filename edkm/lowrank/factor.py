@@ -31,12 +31,13 @@ the dense model; the error is measured on calibration data, not held-out data.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from edkm._checks import check_number
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -207,8 +208,7 @@ def factorize(
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    check_number("damping", damping, inclusive=True)
     w = weight.detach().to(torch.float64)
     if not torch.isfinite(w).all():
         raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf")

@@ -15,13 +15,13 @@ Unknown keys anywhere are errors that name the key; validation errors carry the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from edkm._checks import check_int, check_number, is_finite_number
 from edkm.config import DKMConfig
 from edkm.lowrank.config import LowRankConfig
 
@@ -60,8 +60,8 @@ class ModelConfig:
             raise ValueError("model.source must be 'smollm2', 'tiny' or a local path, got ''")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        _positive("model.tiny_hidden", self.tiny_hidden)
-        _positive("model.tiny_layers", self.tiny_layers)
+        check_int("model.tiny_hidden", self.tiny_hidden)
+        check_int("model.tiny_layers", self.tiny_layers)
 
 
 @dataclass(frozen=True)
@@ -131,26 +131,26 @@ class DataConfig:
     eval_domains: tuple[str, ...] = ("heldout", "wiki")
 
     def __post_init__(self) -> None:
-        _positive("data.seq_len", self.seq_len, minimum=2)
+        check_int("data.seq_len", self.seq_len, 2)
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
-        _positive("data.teacher_windows", self.teacher_windows)
-        _positive("data.teacher_batch", self.teacher_batch)
-        _finite("data.teacher_temperature", self.teacher_temperature)
-        _positive("data.teacher_top_k", self.teacher_top_k, minimum=0)
+        check_int("data.teacher_windows", self.teacher_windows)
+        check_int("data.teacher_batch", self.teacher_batch)
+        check_number("data.teacher_temperature", self.teacher_temperature)
+        check_int("data.teacher_top_k", self.teacher_top_k, 0)
         domains = (self.eval_domains,) if isinstance(self.eval_domains, str) else tuple(self.eval_domains)
         if not domains or not all(isinstance(d, str) and d for d in domains) or len(set(domains)) != len(domains):
             raise ValueError(f"data.eval_domains must be a non-empty list of distinct names, got {self.eval_domains!r}")
         object.__setattr__(self, "eval_domains", domains)
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction!r}")
-        _positive("data.heldout_windows", self.heldout_windows, minimum=0)
-        _positive("data.max_train_windows", self.max_train_windows, minimum=0)
-        _positive("data.importance_windows", self.importance_windows, minimum=0)
-        _positive("data.compensate_windows", self.compensate_windows, minimum=0)
+        check_int("data.heldout_windows", self.heldout_windows, 0)
+        check_int("data.max_train_windows", self.max_train_windows, 0)
+        check_int("data.importance_windows", self.importance_windows, 0)
+        check_int("data.compensate_windows", self.compensate_windows, 0)
         if self.compensate_text not in COMPENSATE_TEXTS:
             raise ValueError(f"data.compensate_text must be one of {COMPENSATE_TEXTS}, got {self.compensate_text!r}")
-        _finite("data.compensate_damp", self.compensate_damp, inclusive=True)
+        check_number("data.compensate_damp", self.compensate_damp, inclusive=True)
 
 
 @dataclass(frozen=True)
@@ -215,20 +215,20 @@ class OptimConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("kd_temperature", "lr"):
-            _finite(f"optim.{name}", getattr(self, name))
+            check_number(f"optim.{name}", getattr(self, name))
         for name in ("ce_weight", "weight_decay", "grad_clip"):  # NaN here would train silently on NaN
-            _finite(f"optim.{name}", getattr(self, name), inclusive=True)
+            check_number(f"optim.{name}", getattr(self, name), inclusive=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"optim.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         for name in ("warmup_steps", "grad_accum", "batch_size", "max_steps", "kd_topk"):
-            _positive(f"optim.{name}", getattr(self, name), minimum=0 if name in ("warmup_steps", "kd_topk") else 1)
+            check_int(f"optim.{name}", getattr(self, name), 0 if name in ("warmup_steps", "kd_topk") else 1)
         if self.kd_topk and self.loss == "ce":
             raise ValueError(f"optim.kd_topk={self.kd_topk} distils from stored teacher logits, which optim.loss=ce "
                              "does not use; set optim.loss=kd or kd+ce, or optim.kd_topk=0")
         if self.tau_start is not None:
-            _finite("optim.tau_start", self.tau_start, also="or null")
+            check_number("optim.tau_start", self.tau_start, also="or null")
 
 
 @dataclass(frozen=True)
@@ -288,20 +288,20 @@ class RunConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
-        _positive("run.save_every", self.save_every, minimum=0)
-        _positive("run.log_every", self.log_every)
-        _positive("run.keep_checkpoints", self.keep_checkpoints)
-        _positive("run.seed", self.seed, minimum=0)
-        _positive("run.eval_every", self.eval_every, minimum=0)
-        _positive("run.domains_every", self.domains_every, minimum=0)
-        _positive("run.max_rollbacks", self.max_rollbacks, minimum=0)
+        check_int("run.save_every", self.save_every, 0)
+        check_int("run.log_every", self.log_every)
+        check_int("run.keep_checkpoints", self.keep_checkpoints)
+        check_int("run.seed", self.seed, 0)
+        check_int("run.eval_every", self.eval_every, 0)
+        check_int("run.domains_every", self.domains_every, 0)
+        check_int("run.max_rollbacks", self.max_rollbacks, 0)
         if self.best_by not in BEST_BY:
             raise ValueError(f"run.best_by must be one of {BEST_BY}, got {self.best_by!r}")
         if self.on_divergence not in ON_DIVERGENCE:
             raise ValueError(f"run.on_divergence must be one of {ON_DIVERGENCE}, got {self.on_divergence!r}")
         for name in ("loss_spike", "max_weight_abs"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and (value == 0 or value > 1)):
+            if not (is_finite_number(value) and (value == 0 or value > 1)):
                 raise ValueError(f"run.{name} must be 0 (off) or a finite number > 1, got {value!r}")
 
 
@@ -476,18 +476,3 @@ def _coerce(where: str, value: Any, kind: str) -> Any:
                 "tuple[str, ...]": "a string or a list of strings"}[base]
     raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {expected}"
                       + (" or null" if optional else ""))
-
-
-def _finite(name: str, value: Any, inclusive: bool = False, also: str = "") -> None:
-    """Raise ValueError (naming ``name`` and the value) unless ``value`` is a finite
-    number > 0 (``inclusive``: >= 0); ``also`` is appended to the rule (e.g. "or null")."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= 0 if inclusive else value > 0))
-    if not ok:
-        rule = f"a finite number {'>=' if inclusive else '>'} 0" + (f" {also}" if also else "")
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-def _positive(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

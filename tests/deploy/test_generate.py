@@ -96,7 +96,7 @@ def test_cli_generate(folder, capsys):
 
 def test_generate_errors(folder):
     model, _ = load_folder(folder)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
         list(generate_ids(model, [1], 0))
     with pytest.raises(ValueError, match="empty"):
         list(generate_ids(model, [], 3))

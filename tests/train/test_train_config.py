@@ -46,7 +46,7 @@ def test_wrong_types_and_syntax_name_file_key_value_and_type(tmp_path, text, mes
 def test_override_errors_name_the_override():
     with pytest.raises(ConfigError, match=r"^override 'optim.lr=abc': optim.lr = 'abc' \(str\): expected a number$"):
         load_config(TINY, ["optim.lr=abc"])
-    with pytest.raises(ConfigError, match=r"override 'dkm.bits=9': bits must be in \[1, 8\], got 9"):
+    with pytest.raises(ConfigError, match=r"override 'dkm.bits=9': bits must be an integer in \[1, 8\], got 9"):
         load_config(TINY, ["dkm.bits=9"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(TINY, ["bits=3"])

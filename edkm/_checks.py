@@ -1,0 +1,50 @@
+"""Argument checks shared by every layer of edkm, whose messages name the argument and carry
+the bad value (``"tau must be a finite number > 0, got nan"``).
+
+A bool is never a number here (``True`` would pass as 1), and NaN / inf never pass a number
+check: a NaN learning rate or damping trains on NaN without an error of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_int", "check_number", "is_finite_number"]
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) and finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(name: str, value: Any, *, inclusive: bool = False, also: str = "") -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (``inclusive``: >= 0).
+
+    Args:
+        name: The argument's name as the user wrote it (``"optim.lr"``, ``"damp"``).
+        value: The value to check.
+        inclusive: Accept 0.
+        also: Appended to the rule in the message (e.g. ``"or null"`` where None is allowed
+            and handled by the caller).
+    """
+    if not (is_finite_number(value) and (value >= 0 if inclusive else value > 0)):
+        rule = f"a finite number {'>=' if inclusive else '>'} 0" + (f" {also}" if also else "")
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]`` (None: no bound)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and not ((low is None or value >= low) and (high is None or value <= high)):
+        ok = False
+    if not ok:
+        if low is not None and high is not None:
+            rule = f"an integer in [{low}, {high}]"
+        elif low is not None:
+            rule = f"an integer >= {low}"
+        elif high is not None:
+            rule = f"an integer <= {high}"
+        else:
+            rule = "an integer"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
