@@ -1,6 +1,6 @@
 """The import graph of edkm points one way: no module imports from a layer above its own.
 
-Layers, bottom to top (README "Architecture"): kernels, config, offload -> functional ->
+Layers, bottom to top (README "Architecture"): kernels, config, offload, _checks -> functional ->
 layers -> preparation, importance, export, lowrank, hub, evaluate (and the other
 model-level modules) -> train -> cli. The package ``edkm/__init__.py`` is the public
 façade and may import anything; nothing inside edkm may import the façade. Every
@@ -17,7 +17,7 @@ PACKAGE_DIRS = {"edkm": ROOT / "edkm", "edkm.kernels": ROOT / "tkernels", "edkm.
 
 # First dotted prefix that matches wins; unlisted edkm modules are model-level (rank 3).
 RANKS = [
-    ("edkm.kernels", 0), ("edkm.ckernels", 0), ("edkm.config", 0), ("edkm.offload", 0),
+    ("edkm.kernels", 0), ("edkm.ckernels", 0), ("edkm.config", 0), ("edkm.offload", 0), ("edkm._checks", 0),
     ("edkm.functional", 1),
     ("edkm.layers", 2),
     ("edkm.train", 4),
