@@ -35,16 +35,15 @@ def check_number(name: str, value: Any, *, inclusive: bool = False, also: str = 
 
 def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None) -> None:
     """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]`` (None: no bound)."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if ok and not ((low is None or value >= low) and (high is None or value <= high)):
-        ok = False
-    if not ok:
-        if low is not None and high is not None:
-            rule = f"an integer in [{low}, {high}]"
-        elif low is not None:
-            rule = f"an integer >= {low}"
-        elif high is not None:
-            rule = f"an integer <= {high}"
-        else:
-            rule = "an integer"
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+            and (high is None or value <= high)):
+        return
+    if low is not None and high is not None:
+        rule = f"an integer in [{low}, {high}]"
+    elif low is not None:
+        rule = f"an integer >= {low}"
+    elif high is not None:
+        rule = f"an integer <= {high}"
+    else:
+        rule = "an integer"
+    raise ValueError(f"{name} must be {rule}, got {value!r}")

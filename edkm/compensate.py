@@ -120,7 +120,7 @@ def compensate_weight(weight: Tensor, lut: Tensor, hessian: Tensor, damp: float 
     if tuple(hessian.shape) != (n, n):
         raise ValueError(f"hessian must be ({n}, {n}) for a weight of shape {tuple(weight.shape)}, got "
                          f"{tuple(hessian.shape)}")
-    _check_damp(damp)
+    check_number("damp", damp, inclusive=True)
     H = hessian.detach().double()
     if not torch.isfinite(H).all():
         raise ValueError("hessian contains NaN or Inf")
@@ -201,10 +201,6 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(1, 2)
 
 
-def _check_damp(damp: float) -> None:
-    check_number("damp", damp, inclusive=True)
-
-
 def _plain_rounding(param: DKMWeight, weight: Tensor) -> Tensor:
     """``weight`` rounded as the layer's hard forward rounds it (nearest centroid of its points)."""
     c = param.centroids[:, :, 0]  # (G, K)
@@ -230,7 +226,7 @@ def compensate(model: nn.Module, hessians: Mapping[str, Tensor], damp: float = 0
         when the model has no clustered layer, a clustered linear has no Hessian, or a
         layer has ``cluster_dim`` > 1.
     """
-    _check_damp(damp)
+    check_number("damp", damp, inclusive=True)
     layers = list(clustered_layers(model))
     if not layers:
         raise ValueError("compensate takes a model edkm.prepare clustered; it has no clustered layer")

@@ -32,14 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edkm._checks import check_number
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["distill_loss", "topk_distill_loss", "per_token_kl", "DistillTrainerMixin"]
 
 
 def _check_common(student_logits: Tensor, temperature: float, mask: Tensor | None) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_number("temperature", temperature)
     if student_logits.ndim < 1 or student_logits.shape[-1] == 0:
         raise ValueError(f"logits need a non-empty last (vocabulary) dim, got shape {tuple(student_logits.shape)}")
     if mask is not None and tuple(mask.shape) != tuple(student_logits.shape[:-1]):
@@ -207,10 +208,8 @@ class DistillTrainerMixin:
 
     def __init__(self, *args: Any, teacher: nn.Module, distill_temperature: float = 1.0,
                  ce_weight: float = 0.0, **kwargs: Any) -> None:
-        if not distill_temperature > 0:
-            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature!r}")
-        if ce_weight < 0:
-            raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
+        check_number("distill_temperature", distill_temperature)
+        check_number("ce_weight", ce_weight, inclusive=True)  # NaN here would train on NaN without an error
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.teacher = teacher.eval().requires_grad_(False)

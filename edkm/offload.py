@@ -37,6 +37,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from edkm._checks import check_int
+
 logger = logging.getLogger(__name__)
 
 # Default size threshold. On a PCIe 4/5 link (25-50 GB/s) 1 MiB moves in ~20-40 us, the same
@@ -286,8 +288,7 @@ def offload_saved_tensors(
     Returns:
         A context manager yielding the live `OffloadStats`.
     """
-    if min_bytes < 0:
-        raise ValueError(f"min_bytes must be >= 0, got {min_bytes}")
+    check_int("min_bytes", min_bytes, 0)
     target = torch.empty(0, device=device).device  # resolves "cuda" to "cuda:<current>"
     stats = OffloadStats(device=str(target))
     off = _Offloader(target, int(min_bytes), dedupe, pin_memory is not False, copy_same_device,

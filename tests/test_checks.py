@@ -8,6 +8,7 @@ import torch
 from edkm import DKMConfig
 from edkm._checks import check_int, check_number, is_finite_number
 from edkm.compensate import compensate_weight
+from edkm.distill import distill_loss
 from edkm.hub.teacher_text import sample_teacher_windows
 
 
@@ -81,3 +82,9 @@ def test_teacher_sampler_rejects_an_infinite_temperature_before_any_work():
         sample_teacher_windows(torch.nn.Linear(2, 2), n_windows=1, seq_len=4, temperature=math.inf)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 2.5"):
         sample_teacher_windows(torch.nn.Linear(2, 2), n_windows=1, seq_len=4, batch_size=2.5)
+
+
+def test_distill_loss_rejects_an_infinite_temperature():
+    logits = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
+        distill_loss(logits, logits, temperature=math.inf)

@@ -231,3 +231,5 @@ def test_trainer_mixin_trains_a_student_towards_its_teacher(tmp_path):
     torch.testing.assert_close(stepped[2] - start, stepped[1] - start, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="0.0"):
         DistillTrainer(model=student, args=args, teacher=teacher, distill_temperature=0.0)
+    with pytest.raises(ValueError, match="ce_weight must be a finite number >= 0, got nan"):  # passed `< 0`
+        DistillTrainer(model=student, args=args, teacher=teacher, ce_weight=float("nan"))

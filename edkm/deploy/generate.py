@@ -82,8 +82,7 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, t
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
     check_int("max_new_tokens", max_new_tokens)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_int("top_k", top_k, 0)
     if model.training:
         log.warning("generating with a model in train mode: call model.eval() (LUT layers cache only in eval)")
     gen = None

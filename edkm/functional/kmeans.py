@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from edkm._checks import check_int
 from edkm.functional.autograd import TORCH_OPS, importance_mass
 from edkm.functional.iterations import sq_dist
 from edkm.functional.table import build_table
@@ -40,8 +41,7 @@ def kmeans_init(points: Tensor, k: int, iters: int = 30, seed: int = 0, importan
         (G, k, d) centroids in the math dtype (fp32; fp64 for fp64 points). A group with
         fewer than k distinct values gets those values, repeated to fill the LUT.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    check_int("k", k)
     with torch.no_grad():
         table = build_table(points.detach())
         v, n = table.values, table.counts  # (G, U, d), (G, U); padding rows have n = 0

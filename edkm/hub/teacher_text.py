@@ -157,8 +157,7 @@ def sample_teacher_windows(
     check_number("temperature", temperature)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
-    if greedy_tokens < 0:
-        raise ValueError(f"greedy_tokens must be >= 0, got {greedy_tokens!r}")
+    check_int("greedy_tokens", greedy_tokens, 0)
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     settings = _settings(teacher, n_windows, seq_len, batch_size, float(temperature), top_k, greedy_tokens,
                          seed, prefix_ids, exclude_ids)
