@@ -33,8 +33,11 @@ def check_number(name: str, value: Any, *, inclusive: bool = False, also: str = 
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]`` (None: no bound)."""
+def check_int(name: str, value: Any, low: int | None = 1, high: int | None = None, *, also: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) in ``[low, high]`` (None: no bound).
+
+    ``also`` is appended to the rule in the message, as in `check_number`.
+    """
     if (isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
             and (high is None or value <= high)):
         return
@@ -46,4 +49,6 @@ def check_int(name: str, value: Any, low: int | None = 1, high: int | None = Non
         rule = f"an integer <= {high}"
     else:
         rule = "an integer"
+    if also:
+        rule += f" {also}"
     raise ValueError(f"{name} must be {rule}, got {value!r}")

@@ -8,6 +8,7 @@ import torch
 from edkm import DKMConfig
 from edkm._checks import check_int, check_number, is_finite_number
 from edkm.compensate import compensate_weight
+from edkm.deploy.generate import generate_ids
 from edkm.distill import distill_loss
 from edkm.hub.teacher_text import sample_teacher_windows
 
@@ -88,3 +89,24 @@ def test_distill_loss_rejects_an_infinite_temperature():
     logits = torch.randn(2, 5)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0, got inf"):
         distill_loss(logits, logits, temperature=math.inf)
+
+
+def test_teacher_sampler_rejects_a_fractional_or_bool_top_k():
+    # 2.5 and True passed `top_k < 1` and reached logits.topk
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"top_k must be an integer >= 1 or None, got {bad!r}"):
+            sample_teacher_windows(torch.nn.Linear(2, 2), n_windows=1, seq_len=4, top_k=bad)
+
+
+@pytest.mark.parametrize("temperature", [math.nan, math.inf])
+def test_generate_rejects_a_non_finite_temperature_before_the_prefill(temperature):
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, *args, **kwargs):  # would be the prefill
+            calls.append(1)
+            raise AssertionError("the model ran")
+
+    with pytest.raises(ValueError, match=rf"temperature must be a finite number \(<= 0: greedy\), got {temperature!r}"):
+        next(generate_ids(Model().eval(), [1], max_new_tokens=2, temperature=temperature))
+    assert not calls

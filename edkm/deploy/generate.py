@@ -6,7 +6,7 @@ prompt (prefill), then one token per forward (decode), yielding each new id as i
 text with token counts and tokens/s (decode only, prefill timed apart). With `LUTLinear`'s
 decode cache the LUT layers decode their weights once, not once per token.
 
-Sampling: ``temperature <= 0`` is greedy (argmax); otherwise softmax(logits / T),
+Sampling: ``temperature`` (a finite number) ``<= 0`` is greedy (argmax); otherwise softmax(logits / T),
 restricted to the ``top_k`` most likely tokens when ``top_k > 0``, drawn from a
 ``torch.Generator`` seeded with ``seed`` (same seed, same text).
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from edkm._checks import check_int
+from edkm._checks import check_int, is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], max_new_tokens: int, t
         raise ValueError("prompt_ids is empty: generation needs at least one prompt token")
     check_int("max_new_tokens", max_new_tokens)
     check_int("top_k", top_k, 0)
+    if not is_finite_number(temperature):
+        # NaN failed deep in torch.multinomial after the prefill; inf sampled uniformly
+        raise ValueError(f"temperature must be a finite number (<= 0: greedy), got {temperature!r}")
     if model.training:
         log.warning("generating with a model in train mode: call model.eval() (LUT layers cache only in eval)")
     gen = None

@@ -155,8 +155,8 @@ def sample_teacher_windows(
     for name, value in (("n_windows", n_windows), ("seq_len", seq_len), ("batch_size", batch_size)):
         check_int(name, value)
     check_number("temperature", temperature)
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k", top_k, also="or None")
     check_int("greedy_tokens", greedy_tokens, 0)
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     settings = _settings(teacher, n_windows, seq_len, batch_size, float(temperature), top_k, greedy_tokens,
