@@ -14,7 +14,9 @@ class ByteTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
     def encode(self, text: str, **_: Any) -> list[int]:
+        """The UTF-8 bytes of ``text`` as ids."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids, **_: Any) -> str:
+        """``ids`` back to text; bytes that are not valid UTF-8 become U+FFFD."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
