@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["check_int", "check_number", "is_finite_number"]
+__all__ = ["check_int", "check_number", "check_patterns", "is_finite_number"]
 
 
 def is_finite_number(value: Any) -> bool:
@@ -52,3 +52,20 @@ def check_int(name: str, value: Any, low: int | None = 1, high: int | None = Non
     if also:
         rule += f" {also}"
     raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def check_patterns(name: str, value: Any, *, distinct: bool = False) -> tuple[str, ...]:
+    """``value`` (one glob pattern, or a list of them as YAML gives) as a tuple of non-empty strings.
+
+    Raises ValueError naming ``name`` and the whole value otherwise (``distinct``: also on a
+    repeated pattern).
+    """
+    items = (value,) if isinstance(value, str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(p, str) and p for p in items) or distinct and len(set(items)) < len(items):
+        rule = f"a non-empty pattern or a list of {'distinct ' if distinct else ''}non-empty patterns"
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return items

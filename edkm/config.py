@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from edkm._checks import check_int, check_number
+from edkm._checks import check_int, check_number, check_patterns
 
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 BACKENDS = ("auto", "torch", "triton", "c")
@@ -142,10 +142,7 @@ class DKMConfig(ConfigDict):
     def __post_init__(self) -> None:
         # Lists from YAML become tuples so the config stays hashable and frozen.
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
+            object.__setattr__(self, name, check_patterns(name, getattr(self, name)))
         check_int("bits", self.bits, 1, 8)
         check_int("cluster_dim", self.cluster_dim, 1, 64)
         if self.granularity not in GRANULARITIES:
@@ -174,9 +171,6 @@ class DKMConfig(ConfigDict):
         check_int("min_weight_numel", self.min_weight_numel, 0, None)
         check_int("init_iters", self.init_iters, 0, 10_000)
         check_int("seed", self.seed, 0, None)
-        for pattern in self.include + self.exclude:
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"include/exclude patterns must be non-empty strings, got {pattern!r}")
         object.__setattr__(self, "layers", _layer_entries(self.layers))
         for pattern, items in self.layers:  # each entry must make a valid config
             try:

@@ -1,16 +1,18 @@
 """The shared argument checks (`edkm._checks`) and the bad values they now catch at their call sites."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from edkm import DKMConfig
-from edkm._checks import check_int, check_number, is_finite_number
+from edkm._checks import check_int, check_number, check_patterns, is_finite_number
 from edkm.compensate import compensate_weight
 from edkm.deploy.generate import generate_ids
 from edkm.distill import distill_loss
 from edkm.hub.teacher_text import sample_teacher_windows
+from edkm.lowrank import LowRankConfig
 
 
 @pytest.mark.parametrize("value, ok", [(1, True), (0.5, True), (-2, True), (True, False), (False, False),
@@ -110,3 +112,23 @@ def test_generate_rejects_a_non_finite_temperature_before_the_prefill(temperatur
     with pytest.raises(ValueError, match=rf"temperature must be a finite number \(<= 0: greedy\), got {temperature!r}"):
         next(generate_ids(Model().eval(), [1], max_new_tokens=2, temperature=temperature))
     assert not calls
+
+
+def test_check_patterns_takes_one_pattern_or_a_list_and_names_the_whole_value():
+    assert check_patterns("include", "*.q_proj") == ("*.q_proj",)
+    assert check_patterns("include", ["a", "b"]) == ("a", "b")
+    assert check_patterns("exclude", ()) == ()
+    for bad in (5, [""], ["a", 3], None):
+        with pytest.raises(ValueError, match=rf"include must be a non-empty pattern or a list of non-empty patterns, "
+                                             rf"got {re.escape(repr(bad))}"):
+            check_patterns("include", bad)
+    with pytest.raises(ValueError, match=r"freeze must be .* list of distinct non-empty patterns, got \['a', 'a'\]"):
+        check_patterns("freeze", ["a", "a"], distinct=True)
+
+
+def test_configs_reject_a_pattern_list_that_is_not_one():
+    # DKMConfig(include=5) raised a bare TypeError ('int' object is not iterable)
+    with pytest.raises(ValueError, match="include must be a non-empty pattern or a list of non-empty patterns, got 5"):
+        DKMConfig(include=5)
+    with pytest.raises(ValueError, match=r"exclude must be .* got \[''\]"):
+        LowRankConfig(exclude=[""])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from edkm._checks import check_int, check_number, is_finite_number
+from edkm._checks import check_int, check_number, check_patterns, is_finite_number
 from edkm.config import ConfigDict
 from edkm.lowrank.budget import SENSITIVITIES
 from edkm.lowrank.factor import DEFAULT_DAMPING
@@ -59,13 +59,7 @@ class LowRankConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-        for pattern in self.include + self.exclude:
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"include/exclude patterns must be non-empty strings, got {pattern!r}")
+            object.__setattr__(self, name, check_patterns(name, getattr(self, name)))
         if (self.rank_reduction is None) == (self.budget is None):
             raise ValueError(
                 f"set exactly one of rank_reduction / budget, got rank_reduction={self.rank_reduction!r}, "

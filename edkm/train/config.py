@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from edkm._checks import check_int, check_number, is_finite_number
+from edkm._checks import check_int, check_number, check_patterns, is_finite_number
 from edkm.config import DKMConfig
 from edkm.lowrank.config import LowRankConfig
 
@@ -208,10 +208,7 @@ class OptimConfig:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
-        if not all(isinstance(f, str) and f for f in freeze) or len(set(freeze)) != len(freeze):
-            raise ValueError(f"optim.freeze must be a list of distinct non-empty name patterns, got {self.freeze!r}")
-        object.__setattr__(self, "freeze", freeze)
+        object.__setattr__(self, "freeze", check_patterns("optim.freeze", self.freeze, distinct=True))
         if self.loss not in LOSSES:
             raise ValueError(f"optim.loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("kd_temperature", "lr"):

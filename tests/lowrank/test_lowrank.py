@@ -227,7 +227,7 @@ def test_shape_mismatches_raise():
         ({"damping": -1e-3}, r"damping must be a finite number >= 0, got -0.001"),
         ({"rank_multiple": 0}, r"rank_multiple must be an integer >= 1, got 0"),
         ({"groups": "yes"}, r"groups must be a bool, got 'yes'"),
-        ({"include": [""]}, r"non-empty strings, got ''"),
+        ({"include": [""]}, r"include must be a non-empty pattern or a list of non-empty patterns, got \[''\]"),
         ({"sensitivity": "hessian"}, r"sensitivity must be one of \('fisher', 'spectrum'\), got 'hessian'"),
     ],
 )
